@@ -1,0 +1,8 @@
+"""infoscale-triton: fused Triton attention with InfoScale / CosScale logit temperatures."""
+
+from . import reference
+from .attention import scaled_dot_product_attention
+from .temperature import TEMPERATURE_CHOICES
+
+__all__ = ["scaled_dot_product_attention", "reference", "TEMPERATURE_CHOICES"]
+__version__ = "0.1.0"

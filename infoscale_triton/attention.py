@@ -1,0 +1,66 @@
+"""The public fused attention: a drop-in for torch.nn.functional.scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import torch
+
+from .forward import attention_forward
+from .validation import check_inputs
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    temperature: str | torch.Tensor | None = None,
+    train_len: int | None = None,
+    cos_scale: float | None = None,
+) -> torch.Tensor:
+    r"""Fused attention with an optional per-row logit temperature and cosine (CosScale) logits.
+
+    Computes ``softmax(t_i * c * q_i . k_j + bias_ij) @ v`` over the keys row i may attend to, in one
+    FlashAttention-style pass (no Lq x Lk matrix in memory).
+
+    Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: query ``(B, Hq, Lq, D)``, key
+    ``(B, Hkv, Lk, D)``, value ``(B, Hkv, Lk, Dv)``; returns ``(B, Hq, Lq, Dv)`` in the input dtype.
+    Any strides work; a ``(B, L, H, D)`` tensor transposed to ``(B, H, L, D)`` is read in place.
+
+    Args:
+        query, key, value: float16, bfloat16 or float32 CUDA tensors, ``16 <= D, Dv <= 256``. float32
+            dots run in exact IEEE float32 unless ``torch.backends.cuda.matmul.allow_tf32`` is True,
+            in which case they use TF32.
+        attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, Hq, Lq, Lk). The
+            bias is added after the temperature: ``t_i * c * q.k + bias``. A key whose float bias is
+            ``-inf`` counts as masked for ``n_i``. May be combined with ``is_causal``.
+        dropout_p: must be 0.0 (dropout is not implemented yet).
+        is_causal: causal mask aligned to the bottom-right when ``Lq != Lk`` (query i sees keys
+            ``j <= i + Lk - Lq``, as with a KV cache)::
+
+                Lq=2, Lk=5:   1 1 1 1 0
+                              1 1 1 1 1
+
+            A row that may attend to no key returns zeros.
+        scale: ``c``; default ``1/sqrt(D)``. Must be None with ``cos_scale``.
+        enable_gqa: share each key/value head among ``Hq // Hkv`` query heads (never copied).
+        temperature: None; ``"infoscale"``: ``t_i = sqrt((1 - n_i^(-2/D)) / (1 - N^(-2/D)))``;
+            ``"logn"``: ``t_i = ln(n_i) / ln(N)``; ``"infoscale_clipped"`` / ``"logn_clipped"``:
+            ``max(1, t_i)``; or a float tensor of per-row multipliers broadcastable to (B, Hq, Lq).
+            ``n_i`` is the number of keys row i may attend to after causal masking and attn_mask.
+        train_len: ``N``, the training length (int >= 2); required by the string temperatures.
+        cos_scale: ``s`` for CosScale: q and k rows are L2-normalised inside the kernel and the logit is
+            ``t_i * s * cos(q_i, k_j)``. A zero row has zero cosines.
+
+    Raises:
+        ValueError / TypeError naming the argument for bad input; NotImplementedError for dropout.
+    """
+    p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     temperature, train_len, cos_scale, kernel=True)
+    out, _ = attention_forward(query, key, value, attn_mask, is_causal, temperature, train_len,
+                               cos_scale, p)
+    return out

@@ -1,0 +1,142 @@
+"""Host side of the fused forward: prepares descriptors' operands, picks a config, launches."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .kernels.attention_fwd import attention_fwd_autotuned, attention_fwd_kernel, fwd_default
+from .kernels.norms import inverse_row_norm_kernel
+from .reference import allowed_keys
+from .temperature import MODE_NONE, MODE_TENSOR, kernel_constants
+from .validation import Problem, interpreter_active
+
+LOG2E = 1.4426950408889634
+
+# Autotuning is on for users; tests switch it off to launch one fixed config per head dim.
+AUTOTUNE = True
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors need scratch memory from Triton's allocator. Install a torch-backed
+    one unless the caller already set their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        device = "cpu" if interpreter_active() else "cuda"
+
+        def alloc(size: int, alignment: int, stream) -> torch.Tensor:
+            return torch.empty(size, dtype=torch.int8, device=device)
+
+        triton.set_allocator(alloc)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """TMA needs a unit last stride, 16-byte aligned base and 16-byte multiples for the other strides."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all((s * size) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+
+
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when TMA can read it in place (any (B, L, H, D) transpose of a contiguous
+    tensor with 16-byte rows can); otherwise a copy with its rows padded to 16 bytes."""
+    if _tma_ready(t):
+        return t
+    per16 = 16 // t.element_size()
+    d = t.shape[-1]
+    padded = t.new_empty(*t.shape[:-1], -(-d // per16) * per16)
+    padded[..., :d].copy_(t)
+    return padded[..., :d]
+
+
+def _bucket(n: int) -> int:
+    return min(max(triton.next_power_of_2(n), 64), 16384)
+
+
+def key_inverse_norms(key: torch.Tensor) -> torch.Tensor:
+    """1/||k_j|| for every key row, (B, Hkv, Lk) float32; 0 for zero rows."""
+    b, h, lk, d = key.shape
+    out = torch.empty(b, h, lk, dtype=torch.float32, device=key.device)
+    block_l = 64
+    inverse_row_norm_kernel[(triton.cdiv(lk, block_l), h, b)](
+        key, out, *key.stride(), h, lk,
+        HEAD_D=d, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
+    )
+    return out
+
+
+def _broadcast_strides(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
+    return t.expand(shape).stride()
+
+
+def attention_forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    temperature: str | torch.Tensor | None,
+    train_len: int | None,
+    cos_scale: float | None,
+    p: Problem,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the per-row
+    log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key)."""
+    _ensure_allocator()
+    q, k, v = (_tma_operand(t) for t in (query, key, value))
+    device = q.device
+    out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
+    lse = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
+    dummy = lse  # stands in for pointer arguments whose feature is off
+
+    # per-row temperature: its kind, the tensor or the counts n_i when a mask decides them
+    temp_mode, clip, temp_t, count_t = MODE_NONE, False, dummy, dummy
+    temp_strides = count_strides = (0, 0, 0)
+    if isinstance(temperature, torch.Tensor):
+        temp_mode, temp_t = MODE_TENSOR, temperature
+        temp_strides = _broadcast_strides(temperature, (p.batch, p.heads_q, p.lq))
+    elif p.temperature is not None:
+        temp_mode, clip = p.temperature.mode, p.temperature.clipped
+        if attn_mask is not None:
+            count_t = allowed_keys(attn_mask, is_causal, p.lq, p.lk, device).sum(-1, dtype=torch.int32)
+            count_strides = _broadcast_strides(count_t, (p.batch, p.heads_q, p.lq))
+    temp_a, temp_b = kernel_constants(p.temperature, train_len, p.head_dim)
+
+    mask_mode, mask_t, mask_strides = 0, dummy, (0, 0, 0, 0)
+    if attn_mask is not None:
+        mask_mode = 1 if attn_mask.dtype == torch.bool else 2
+        mask_t = attn_mask.view(torch.uint8) if mask_mode == 1 else attn_mask
+        mask_strides = _broadcast_strides(mask_t, (p.batch, p.heads_q, p.lq, p.lk))
+
+    kinv = key_inverse_norms(key) if cos_scale is not None else dummy
+    # float32 dots: exact IEEE unless the user allowed TF32 for matmuls
+    dot_prec = "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+    block_d = max(triton.next_power_of_2(p.head_dim), 16)
+    block_dv = max(triton.next_power_of_2(p.head_dim_v), 16)
+    args = (
+        q, k, v, out, lse, temp_t, count_t, kinv, mask_t,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *temp_strides, *count_strides, *mask_strides,
+        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, temp_a, temp_b,
+        _bucket(p.lq), _bucket(p.lk),
+    )
+    meta = dict(
+        HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        IS_CAUSAL=is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
+        COS=cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
+    )
+    interpret = interpreter_active()
+    if AUTOTUNE and not interpret:
+        grid = lambda c: (triton.cdiv(p.lq, c["BLOCK_M"]), p.heads_q, p.batch)  # noqa: E731
+        attention_fwd_autotuned[grid](*args, **meta)
+    else:
+        cfg = fwd_default(max(block_d, block_dv), interpret)
+        grid = (triton.cdiv(p.lq, cfg["BLOCK_M"]), p.heads_q, p.batch)
+        attention_fwd_kernel[grid](*args, **meta, **cfg)
+    return out, lse

@@ -1,0 +1,87 @@
+"""Plain PyTorch reference: materialises the logits, readable before fast.
+
+Same signature and semantics as :func:`infoscale_triton.scaled_dot_product_attention`; runs on any
+device and in any floating dtype (float64 for checks). Memory is O(Lq * Lk) per head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .temperature import TemperatureSpec, row_temperature
+from .validation import check_inputs
+
+__all__ = ["scaled_dot_product_attention", "allowed_keys"]
+
+
+def allowed_keys(
+    attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean ``(..., Lq, Lk)``: True where query i may attend to key j.
+
+    Causal is bottom-right aligned: query i sees keys ``j <= i + lk - lq``. A float mask forbids the
+    keys whose bias is ``-inf``.
+    """
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+    if attn_mask is not None:
+        mask_allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+        allowed = allowed & mask_allowed
+    return allowed
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| along the last dim, with zero rows left at zero (their cosines are zero, not NaN)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1), 0)
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    temperature: str | torch.Tensor | None = None,
+    train_len: int | None = None,
+    cos_scale: float | None = None,
+) -> torch.Tensor:
+    """Reference attention: ``softmax(t_i * c * q_i.k_j + bias_ij) @ v`` over the allowed keys.
+
+    ``c`` is ``scale`` (default ``1/sqrt(D)``); with ``cos_scale=s`` the q and k rows are L2-normalised
+    and ``c = s``. The computation runs in the inputs' dtype: pass float64 inputs for a check.
+    """
+    p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                     temperature, train_len, cos_scale, kernel=False)
+    q, k, v = query, key, value
+    if p.group > 1:
+        k = k.repeat_interleave(p.group, dim=1)
+        v = v.repeat_interleave(p.group, dim=1)
+    if cos_scale is not None:
+        q, k = _unit_rows(q), _unit_rows(k)
+    logits = p.scale * (q @ k.transpose(-2, -1))  # (B, Hq, Lq, Lk)
+
+    allowed = allowed_keys(attn_mask, is_causal, p.lq, p.lk, q.device)
+    allowed = allowed.expand(logits.shape)
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.to(logits.dtype).expand(p.batch, p.heads_q, p.lq)
+    elif temperature is not None:
+        n = allowed.sum(-1).to(logits.dtype)
+        t = row_temperature(n, TemperatureSpec.parse(temperature), train_len, p.head_dim)
+    else:
+        t = None
+    if t is not None:
+        logits = logits * t.unsqueeze(-1)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        logits = logits + attn_mask.to(logits.dtype)
+
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    # Rows with no allowed key: softmax would give NaN; they output zeros instead.
+    empty = ~allowed.any(-1, keepdim=True)
+    probs = torch.softmax(logits.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
+    return probs @ v

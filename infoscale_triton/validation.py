@@ -1,0 +1,194 @@
+"""Input checks shared by the fused path and the reference.
+
+Every message names the argument, what it got and what was expected, and every check runs before a
+kernel launches.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .temperature import TEMPERATURE_CHOICES, TemperatureSpec
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z extents (heads, batch)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The shapes and options of one attention call, after validation."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    lq: int
+    lk: int
+    head_dim: int
+    head_dim_v: int
+    scale: float  # c in t_i * c * q.k (the cosine scale s under CosScale)
+    temperature: TemperatureSpec | None  # parsed string temperature, None otherwise
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+
+
+def check_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    temperature: str | torch.Tensor | None,
+    train_len: int | None,
+    cos_scale: float | None,
+    *,
+    kernel: bool,
+) -> Problem:
+    """Validate one call; ``kernel`` adds the fused path's limits (dtypes, head dims, device)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
+                             f"got shape {_shape(t)}")
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if kernel and t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; the fused kernels take float16, bfloat16 or "
+                            "float32 (use infoscale_triton.reference for other dtypes)")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+                        f"{value.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; "
+                             "all tensors must be on one device")
+    if kernel and query.device.type != "cuda" and not interpreter_active():
+        raise ValueError(f"query is on {query.device}: the fused kernels need CUDA tensors (or "
+                         "TRITON_INTERPRET=1 for the Triton interpreter on CPU); "
+                         "infoscale_triton.reference runs anywhere")
+
+    batch, heads_q, lq, head_dim = query.shape
+    _, heads_kv, lk, _ = key.shape
+    head_dim_v = value.shape[-1]
+    if key.shape[0] != batch or value.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: query {_shape(query)}, key {_shape(key)}, "
+                         f"value {_shape(value)}")
+    if value.shape[1] != heads_kv or value.shape[2] != lk:
+        raise ValueError(f"key {_shape(key)} and value {_shape(value)} must agree in heads and length")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"key's head_dim {key.shape[3]} differs from query's {head_dim}: "
+                         f"query {_shape(query)}, key {_shape(key)}")
+    if enable_gqa:
+        if heads_q % heads_kv:
+            raise ValueError(f"with enable_gqa=True the query heads ({heads_q}) must be a multiple of "
+                             f"the key/value heads ({heads_kv})")
+    elif heads_q != heads_kv:
+        raise ValueError(f"query has {heads_q} heads and key/value {heads_kv}; pass enable_gqa=True "
+                         "to share key/value heads across query heads")
+    if kernel:
+        for name, d in (("query/key head_dim", head_dim), ("value head_dim", head_dim_v)):
+            if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+                raise ValueError(f"{name} is {d}; the fused kernels take {MIN_HEAD_DIM} to "
+                                 f"{MAX_HEAD_DIM}")
+        if batch > MAX_GRID_YZ or heads_q > MAX_GRID_YZ:
+            raise ValueError(f"batch ({batch}) and query heads ({heads_q}) must each be at most "
+                             f"{MAX_GRID_YZ}")
+
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "
+                            f"logits), got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+        target = (batch, heads_q, lq, lk)
+        if not _broadcastable(tuple(attn_mask.shape), target):
+            raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
+                             f"(batch, heads, Lq, Lk) = {target}")
+
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not supported yet; "
+                                  "pass dropout_p=0.0")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+
+    if cos_scale is not None:
+        if not _is_real(cos_scale) or not math.isfinite(cos_scale) or cos_scale <= 0:
+            raise ValueError(f"cos_scale must be a finite number > 0 (the paper uses 32 to 256), "
+                             f"got {cos_scale!r}")
+        if scale is not None:
+            raise ValueError("scale must be None when cos_scale is given: the logits are "
+                             "cos_scale * cos(q, k)")
+        c = float(cos_scale)
+    elif scale is not None:
+        if not _is_real(scale) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+        c = float(scale)
+    else:
+        c = 1.0 / math.sqrt(head_dim)
+
+    spec = None
+    if isinstance(temperature, str):
+        if temperature not in TEMPERATURE_CHOICES:
+            raise ValueError(f"temperature must be one of {', '.join(map(repr, TEMPERATURE_CHOICES))}, "
+                             f"a tensor or None; got {temperature!r}")
+        if train_len is None:
+            raise ValueError(f"temperature={temperature!r} needs train_len, the training length N")
+        if not isinstance(train_len, numbers.Integral) or isinstance(train_len, bool) or train_len < 2:
+            raise ValueError(f"train_len must be an int >= 2, got {train_len!r}")
+        spec = TemperatureSpec.parse(temperature)
+    elif isinstance(temperature, torch.Tensor):
+        target = (batch, heads_q, lq)
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating-point, got {temperature.dtype}")
+        if temperature.device != query.device:
+            raise ValueError(f"temperature is on {temperature.device} but query is on {query.device}")
+        if not _broadcastable(tuple(temperature.shape), target):
+            raise ValueError(f"temperature of shape {_shape(temperature)} does not broadcast to "
+                             f"(batch, heads, Lq) = {target}")
+        if train_len is not None:
+            raise ValueError("train_len is only used by the string temperatures; got a tensor "
+                             f"temperature and train_len={train_len!r}")
+    elif temperature is not None:
+        raise TypeError(f"temperature must be None, a string or a tensor, got {type(temperature).__name__}")
+    elif train_len is not None:
+        raise ValueError(f"train_len={train_len!r} given without a string temperature; pass e.g. "
+                         "temperature='infoscale'")
+
+    return Problem(batch, heads_q, heads_kv, lq, lk, head_dim, head_dim_v, c, spec)

@@ -1,0 +1,1 @@
+"""Triton kernels of infoscale-triton (installed as ``infoscale_triton.kernels``)."""

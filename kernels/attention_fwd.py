@@ -1,0 +1,193 @@
+"""Fused attention forward: FlashAttention-2 online softmax with the per-row temperature and the
+CosScale normalisation folded into one row scale.
+
+Logit of row i, key j, in the exp2 domain:
+    s_ij = rs_i * kinv_j * (q_i . k_j) + log2(e) * bias_ij
+    rs_i = t_i * c * log2(e) [* 1/||q_i|| under CosScale]
+with kinv_j = 1/||k_j|| under CosScale (from a small pre-pass) and 1 otherwise. Every option is a
+tl.constexpr so that the branches that are off compile away.
+"""
+
+import triton
+import triton.language as tl
+
+from .primitives import MASK_NONE, TEMP_NONE, TEMP_TENSOR, key_validity, row_temperature
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
+    offs_m, lo, hi, Lq, Lk,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, COS: tl.constexpr, SIGNED: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Online-softmax update over key tiles [lo, hi). MASKED tiles check causality, the key bound and
+    attn_mask; the others (wholly visible to every row) skip that work."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([start_n, 0])
+        qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+        if COS:
+            qk = qk * tl.load(kinv_ptr + offs_n, mask=offs_n < Lk, other=0.0)[None, :]
+        if MASKED:
+            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
+                                       IS_CAUSAL, MASK_MODE)
+            s = qk * rs[:, None]
+            if MASK_MODE != MASK_NONE:
+                s = s + bias * LOG2E
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # rows with no visible key yet keep m = -inf; subtract 0 instead so that exp2 gives 0, not NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_sub[:, None])
+        else:
+            if SIGNED:
+                # a tensor temperature may be negative: max(qk) * rs is then not the row max
+                s = qk * rs[:, None]
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * rs)
+                p = tl.math.exp2(qk * rs[:, None] - m_new[:, None])
+            m_sub = m_new
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = v_desc.load([start_n, 0])
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Lse, Temp, Count, KInv, Mask,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_tb, stride_th, stride_tm,
+    stride_cb, stride_ch, stride_cm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b,
+    LQ_KEY, LK_KEY,  # length buckets, read by the autotuner only
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    TEMP_MODE: tl.constexpr,  # none / infoscale / logn / tensor (primitives.TEMP_*)
+    CLIP: tl.constexpr,  # max(1, t)
+    HAS_COUNT: tl.constexpr,  # n_i read from Count (attn_mask given) instead of derived from position
+    COS: tl.constexpr,  # CosScale: unit q and k rows
+    MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
+    DOT_PREC: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        # the longest rows (most key tiles) first, so the tail of the grid is short work
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    h = tl.program_id(1)
+    h64 = h.to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    hk = h // GROUP
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+
+    # TMA descriptors over this (batch, head)'s (L, D) slice: rows past L and columns past D read as 0
+    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
+                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk.to(tl.int64) * stride_kh, shape=[Lk, HEAD_D],
+                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk.to(tl.int64) * stride_vh, shape=[Lk, HEAD_DV],
+                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    q = q_desc.load([m0, 0])
+
+    rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
+    if TEMP_MODE != TEMP_NONE:
+        rs = rs * row_temperature(offs_m, Lq, Lk, Temp + b * stride_tb + h64 * stride_th, stride_tm,
+                                  Count + b * stride_cb + h64 * stride_ch, stride_cm, temp_a, temp_b,
+                                  IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT)
+    kinv_ptr = KInv
+    if COS:
+        qf = q.to(tl.float32)
+        sq = tl.sum(qf * qf, 1)
+        rs = rs * tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
+        kinv_ptr = KInv + (b * (Hq // GROUP) + hk) * Lk
+    mask_ptr = Mask
+    if MASK_MODE != MASK_NONE:
+        mask_ptr = Mask + b * stride_mb + h64 * stride_mh
+
+    # Key tiles [0, n_full) are visible to every row of this block; [n_full, hi) need masking.
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + Lk - Lq), 0)
+        n_full = tl.maximum(tl.minimum(m0 + Lk - Lq + 1, Lk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        n_full = Lk // BLOCK_N * BLOCK_N
+    if MASK_MODE != MASK_NONE:
+        n_full = 0
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    SIGNED: tl.constexpr = TEMP_MODE == TEMP_TENSOR
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
+                               offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, COS, SIGNED,
+                               False, DOT_PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
+                               offs_m, n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, COS, SIGNED,
+                               True, DOT_PREC, BLOCK_N)
+
+    # Epilogue: rows that saw no key write zeros and lse = +inf (so a backward recomputes p = 0).
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
+    row_ok = offs_m < Lq
+    tl.store(Lse + (b * Hq + h64) * Lq + offs_m, lse, mask=row_ok)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = (Out + b * stride_ob + h64 * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+
+
+def _config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Candidates for the H100, by padded head dim: (BLOCK_M, BLOCK_N, warps, stages).
+FWD_CONFIGS = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+}
+
+
+def fwd_candidates(block_d: int) -> list:
+    table = FWD_CONFIGS[64 if block_d <= 64 else 128 if block_d <= 128 else 256]
+    return [_config(*c) for c in table]
+
+
+def fwd_default(block_d: int, interpret: bool) -> dict:
+    """One config for launches without autotuning (tests, the interpreter)."""
+    if interpret:
+        # small and unequal blocks exercise the tile-boundary and diagonal logic
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    c = fwd_candidates(block_d)[0]
+    return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+
+
+def _prune(configs, named_args, **kwargs):
+    wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+              for c in fwd_candidates(max(named_args["BLOCK_D"], named_args["BLOCK_DV"]))}
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+    return keep
+
+
+_ALL = {(*c,) for table in FWD_CONFIGS.values() for c in table}
+attention_fwd_autotuned = triton.autotune(
+    configs=[_config(*c) for c in sorted(_ALL)],
+    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "LQ_KEY", "LK_KEY"],
+    prune_configs_by={"early_config_prune": _prune},
+)(attention_fwd_kernel)
