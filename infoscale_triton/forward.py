@@ -81,13 +81,16 @@ def attention_forward(
     train_len: int | None,
     cos_scale: float | None,
     p: Problem,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the per-row
-    log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key)."""
+    log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key). ``out``, if given, is
+    written in place (tests pass a NaN-poisoned one to catch unwritten elements)."""
     _ensure_allocator()
     q, k, v = (_tma_operand(t) for t in (query, key, value))
     device = q.device
-    out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
+    if out is None:
+        out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
     dummy = lse  # stands in for pointer arguments whose feature is off
 
