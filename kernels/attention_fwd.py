@@ -13,7 +13,7 @@ import triton.language as tl
 
 from .primitives import MASK_NONE, TEMP_NONE, TEMP_TENSOR, key_validity, row_temperature
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

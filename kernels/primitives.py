@@ -4,15 +4,15 @@ import triton
 import triton.language as tl
 
 # TEMP_MODE codes (mirrors infoscale_triton.temperature).
-TEMP_NONE: tl.constexpr = 0
-TEMP_INFOSCALE: tl.constexpr = 1
-TEMP_LOGN: tl.constexpr = 2
-TEMP_TENSOR: tl.constexpr = 3
+TEMP_NONE = tl.constexpr(0)
+TEMP_INFOSCALE = tl.constexpr(1)
+TEMP_LOGN = tl.constexpr(2)
+TEMP_TENSOR = tl.constexpr(3)
 
 # MASK_MODE codes: no attn_mask, a boolean one (True = may attend), an additive float one.
-MASK_NONE: tl.constexpr = 0
-MASK_BOOL: tl.constexpr = 1
-MASK_ADD: tl.constexpr = 2
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_ADD = tl.constexpr(2)
 
 
 @triton.jit
