@@ -20,17 +20,17 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def _fwd_tiles(
     acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
     offs_m, lo, hi, Lq, Lk,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, COS: tl.constexpr, SIGNED: tl.constexpr,
-    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, KINV: tl.constexpr, SIGNED: tl.constexpr,
+    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi). MASKED tiles check causality, the key bound and
     attn_mask; the others (wholly visible to every row) skip that work."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([start_n, 0])
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)
-        if COS:
+        if KINV:
             qk = qk * tl.load(kinv_ptr + offs_n, mask=offs_n < Lk, other=0.0)[None, :]
         if MASKED:
             valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
@@ -79,10 +79,11 @@ def attention_fwd_kernel(
     TEMP_MODE: tl.constexpr,  # none / infoscale / logn / tensor (primitives.TEMP_*)
     CLIP: tl.constexpr,  # max(1, t)
     HAS_COUNT: tl.constexpr,  # n_i read from Count (attn_mask given) instead of derived from position
-    COS: tl.constexpr,  # CosScale: unit q and k rows
+    COS: tl.constexpr,  # CosScale: unit q rows (1/||q_i|| folded into the row scale)
+    KINV: tl.constexpr,  # CosScale: 1/||k_j|| applied per key tile (else K comes pre-normalised)
     MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
     DOT_PREC: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -114,6 +115,7 @@ def attention_fwd_kernel(
         qf = q.to(tl.float32)
         sq = tl.sum(qf * qf, 1)
         rs = rs * tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
+    if KINV:
         kinv_ptr = KInv + (b * (Hq // GROUP) + hk) * Lk
     mask_ptr = Mask
     if MASK_MODE != MASK_NONE:
@@ -134,11 +136,11 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     SIGNED: tl.constexpr = TEMP_MODE == TEMP_TENSOR
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
-                               offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, COS, SIGNED,
-                               False, DOT_PREC, BLOCK_N)
+                               offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, KINV, SIGNED,
+                               False, DOT_PREC, BLOCK_N, WARP_SPEC)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
-                               offs_m, n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, COS, SIGNED,
-                               True, DOT_PREC, BLOCK_N)
+                               offs_m, n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, KINV, SIGNED,
+                               True, DOT_PREC, BLOCK_N, False)
 
     # Epilogue: rows that saw no key write zeros and lse = +inf (so a backward recomputes p = 0).
     has_key = l_i > 0
@@ -152,8 +154,9 @@ def attention_fwd_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
 
-def _config(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _config(block_m, block_n, warps, stages, warp_spec=False):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "WARP_SPEC": warp_spec},
+                         num_warps=warps, num_stages=stages)
 
 
 # Candidates for the H100, by padded head dim: (BLOCK_M, BLOCK_N, warps, stages).
@@ -173,7 +176,7 @@ def fwd_default(block_d: int, interpret: bool) -> dict:
     """One config for launches without autotuning (tests, the interpreter)."""
     if interpret:
         # small and unequal blocks exercise the tile-boundary and diagonal logic
-        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": False, "num_warps": 4, "num_stages": 1}
     c = fwd_candidates(block_d)[0]
     return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
 
