@@ -21,7 +21,6 @@ MODES = {
     "none": {},
     "info": {"temperature": "infoscale", "train_len": 512},
     "cos": {"temperature": "infoscale", "train_len": 512, "cos_scale": 32.0},
-    "cos_prenorm": {"temperature": "infoscale", "train_len": 512, "cos_scale": 32.0},
 }
 
 
@@ -45,7 +44,6 @@ def main() -> None:
         sets = [[torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3)] for _ in range(2)]
         flops = 4 * b * h * n * n * d / (2 if causal else 1)
         for mode in a.modes:
-            fw.COS_PRENORMALIZE_K = mode == "cos_prenorm"
             res = {}
             for bm, bn, w, s, ws in itertools.product(a.bm, a.bn, a.warps, a.stages, a.ws):
                 if bm * bn < 128 * 128 and w == 8:

@@ -6,7 +6,7 @@ import torch
 import triton
 
 from .kernels.attention_fwd import attention_fwd_autotuned, attention_fwd_kernel, fwd_default
-from .kernels.norms import inverse_row_norm_kernel
+from .kernels.norms import unit_rows_kernel
 from .reference import allowed_keys
 from .temperature import MODE_NONE, MODE_TENSOR, kernel_constants
 from .validation import Problem, interpreter_active
@@ -15,9 +15,6 @@ LOG2E = 1.4426950408889634
 
 # Autotuning is on for users; tests switch it off to launch one fixed config per head dim.
 AUTOTUNE = True
-# CosScale: True writes unit-norm K in a pre-pass (one extra write of K); False applies 1/||k_j|| to
-# each key tile inside the kernel.
-COS_PRENORMALIZE_K = False
 # A fixed launch config (BLOCK_M, BLOCK_N, WARP_SPEC, num_warps, num_stages) that bypasses both the
 # autotuner and the default: set by benchmarks/sweep_configs.py to time each candidate.
 CONFIG_OVERRIDE: dict | None = None
@@ -61,18 +58,17 @@ def _bucket(n: int) -> int:
     return min(max(triton.next_power_of_2(n), 64), 16384)
 
 
-def key_inverse_norms(key: torch.Tensor, write_unit: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """1/||k_j|| for every key row, (B, Hkv, Lk) float32 (0 for zero rows), and with ``write_unit`` the
-    unit rows k_j/||k_j|| as a contiguous tensor of key's dtype."""
-    b, h, lk, d = key.shape
-    inv = torch.empty(b, h, lk, dtype=torch.float32, device=key.device)
-    unit = torch.empty(b, h, lk, d, dtype=key.dtype, device=key.device) if write_unit else None
+def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / ||x|| along the last dim as a contiguous tensor of x's dtype, and 1/||x|| as float32
+    (both 0 for zero rows)."""
+    b, h, n, d = x.shape
+    unit = torch.empty(b, h, n, d, dtype=x.dtype, device=x.device)
+    inv = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
     block_l = 64
-    inverse_row_norm_kernel[(triton.cdiv(lk, block_l), h, b)](
-        key, inv, unit if write_unit else inv, *key.stride(), h, lk,
-        HEAD_D=d, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d), WRITE_UNIT=write_unit,
+    unit_rows_kernel[(triton.cdiv(n, block_l), h, b)](
+        x, inv, unit, *x.stride(), h, n, HEAD_D=d, BLOCK_L=block_l, BLOCK_D=triton.next_power_of_2(d),
     )
-    return inv, unit
+    return unit, inv
 
 
 def _broadcast_strides(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -95,10 +91,8 @@ def attention_forward(
     log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key). ``out``, if given, is
     written in place (tests pass a NaN-poisoned one to catch unwritten elements)."""
     _ensure_allocator()
-    kinv, kinv_mode = None, False
     if cos_scale is not None:
-        kinv, unit_key = key_inverse_norms(key, write_unit=COS_PRENORMALIZE_K)
-        key, kinv_mode = (unit_key, False) if COS_PRENORMALIZE_K else (key, True)
+        key, _ = unit_rows(key)  # q is normalised inside the kernel, from the tile it loads anyway
     q, k, v = (_tma_operand(t) for t in (query, key, value))
     device = q.device
     if out is None:
@@ -125,15 +119,13 @@ def attention_forward(
         mask_t = attn_mask.view(torch.uint8) if mask_mode == 1 else attn_mask
         mask_strides = _broadcast_strides(mask_t, (p.batch, p.heads_q, p.lq, p.lk))
 
-    if kinv is None:
-        kinv = dummy
     # float32 dots: exact IEEE unless the user allowed TF32 for matmuls
     dot_prec = "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
     block_d = max(triton.next_power_of_2(p.head_dim), 16)
     block_dv = max(triton.next_power_of_2(p.head_dim_v), 16)
     args = (
-        q, k, v, out, lse, temp_t, count_t, kinv, mask_t,
+        q, k, v, out, lse, temp_t, count_t, mask_t,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -145,7 +137,7 @@ def attention_forward(
     meta = dict(
         HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         IS_CAUSAL=is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
-        COS=cos_scale is not None, KINV=kinv_mode, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
+        COS=cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
     )
     interpret = interpreter_active()
     if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None:

@@ -312,11 +312,10 @@ def sample_rows(n_batch: int, lq: int, count: int = 64, seed: int = 0) -> tuple[
     """(batches, rows) to check a large output on: the first and last batch, and the first, middle and
     last rows plus random ones (causal rows differ most at both ends)."""
     batches = torch.tensor(sorted({0, n_batch - 1}))
-    fixed = {0, 1, lq // 2, lq - 1}
+    fixed = sorted({0, 1, lq // 2, lq - 1} & set(range(lq)))
     gen = torch.Generator().manual_seed(seed)
-    extra = torch.randperm(lq, generator=gen)[: count + len(fixed)].tolist()
-    rows = sorted(fixed | set(extra[: max(count - len(fixed), 0)]))
-    return batches, torch.tensor(rows[: max(count, len(fixed))])
+    others = [r for r in torch.randperm(lq, generator=gen).tolist() if r not in fixed]
+    return batches, torch.tensor(sorted(fixed + others[: max(count - len(fixed), 0)]))
 
 
 def take_rows(x: torch.Tensor, batches: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -341,3 +340,24 @@ def reference_rows(
     return reference.scaled_dot_product_attention(
         qs, ks, vs, attn_mask=mask, temperature=temperature,
         train_len=N_TRAIN if temperature else None, cos_scale=_cos(mode))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain left/right-aligned text table (no dependency): numbers right, text left."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_numberlike(r[i]) for r in cells[1:]) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def _numberlike(s: str) -> bool:
+    try:
+        float(s.rstrip("!x%"))
+        return True
+    except ValueError:
+        return s in ("-", "")

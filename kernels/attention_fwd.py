@@ -2,10 +2,11 @@
 CosScale normalisation folded into one row scale.
 
 Logit of row i, key j, in the exp2 domain:
-    s_ij = rs_i * kinv_j * (q_i . k_j) + log2(e) * bias_ij
+    s_ij = rs_i * (q_i . k_j) + log2(e) * bias_ij
     rs_i = t_i * c * log2(e) [* 1/||q_i|| under CosScale]
-with kinv_j = 1/||k_j|| under CosScale (from a small pre-pass) and 1 otherwise. Every option is a
-tl.constexpr so that the branches that are off compile away.
+Under CosScale K arrives as unit rows from a pre-pass (kernels/norms.py); the q norms come from the q
+tile each program loads anyway. Every option is a tl.constexpr so that the branches that are off
+compile away.
 """
 
 import triton
@@ -18,9 +19,9 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
+    acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
     offs_m, lo, hi, Lq, Lk,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, KINV: tl.constexpr, SIGNED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, SIGNED: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi). MASKED tiles check causality, the key bound and
@@ -30,8 +31,6 @@ def _fwd_tiles(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([start_n, 0])
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)
-        if KINV:
-            qk = qk * tl.load(kinv_ptr + offs_n, mask=offs_n < Lk, other=0.0)[None, :]
         if MASKED:
             valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
                                        IS_CAUSAL, MASK_MODE)
@@ -64,7 +63,7 @@ def _fwd_tiles(
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Temp, Count, KInv, Mask,
+    Q, K, V, Out, Lse, Temp, Count, Mask,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -79,8 +78,7 @@ def attention_fwd_kernel(
     TEMP_MODE: tl.constexpr,  # none / infoscale / logn / tensor (primitives.TEMP_*)
     CLIP: tl.constexpr,  # max(1, t)
     HAS_COUNT: tl.constexpr,  # n_i read from Count (attn_mask given) instead of derived from position
-    COS: tl.constexpr,  # CosScale: unit q rows (1/||q_i|| folded into the row scale)
-    KINV: tl.constexpr,  # CosScale: 1/||k_j|| applied per key tile (else K comes pre-normalised)
+    COS: tl.constexpr,  # CosScale: 1/||q_i|| folded into the row scale (K comes as unit rows)
     MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
     DOT_PREC: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
@@ -110,13 +108,10 @@ def attention_fwd_kernel(
         rs = rs * row_temperature(offs_m, Lq, Lk, Temp + b * stride_tb + h64 * stride_th, stride_tm,
                                   Count + b * stride_cb + h64 * stride_ch, stride_cm, temp_a, temp_b,
                                   IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT)
-    kinv_ptr = KInv
     if COS:
         qf = q.to(tl.float32)
         sq = tl.sum(qf * qf, 1)
         rs = rs * tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
-    if KINV:
-        kinv_ptr = KInv + (b * (Hq // GROUP) + hk) * Lk
     mask_ptr = Mask
     if MASK_MODE != MASK_NONE:
         mask_ptr = Mask + b * stride_mb + h64 * stride_mh
@@ -135,11 +130,11 @@ def attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     SIGNED: tl.constexpr = TEMP_MODE == TEMP_TENSOR
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
-                               offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, KINV, SIGNED,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+                               offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, SIGNED,
                                False, DOT_PREC, BLOCK_N, WARP_SPEC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, kinv_ptr, mask_ptr, stride_mm, stride_mn,
-                               offs_m, n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, KINV, SIGNED,
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+                               offs_m, n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, SIGNED,
                                True, DOT_PREC, BLOCK_N, False)
 
     # Epilogue: rows that saw no key write zeros and lse = +inf (so a backward recomputes p = 0).
@@ -159,10 +154,11 @@ def _config(block_m, block_n, warps, stages, warp_spec=False):
                          num_warps=warps, num_stages=stages)
 
 
-# Candidates for the H100, by padded head dim: (BLOCK_M, BLOCK_N, warps, stages).
+# Candidates for the H100 by padded head dim, (BLOCK_M, BLOCK_N, warps, stages, warp_specialize):
+# the leaders of benchmarks/sweep_configs.py runs (benchmarks/NOTES.md). The first is the default.
 FWD_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    64: [(64, 128, 4, 2), (64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 3)],
+    128: [(128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 8, 3, True), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
 }
 
@@ -182,10 +178,8 @@ def fwd_default(block_d: int, interpret: bool) -> dict:
 
 
 def _prune(configs, named_args, **kwargs):
-    wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-              for c in fwd_candidates(max(named_args["BLOCK_D"], named_args["BLOCK_DV"]))}
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-    return keep
+    wanted = {str(c) for c in fwd_candidates(max(named_args["BLOCK_D"], named_args["BLOCK_DV"]))}
+    return [c for c in configs if str(c) in wanted]
 
 
 _ALL = {(*c,) for table in FWD_CONFIGS.values() for c in table}

@@ -1,0 +1,132 @@
+"""The fused forward against the float64 reference, one focused parametrisation per group of axes.
+
+Every launch writes into a NaN-poisoned output (helpers.run_fused). Shapes are small and not block
+multiples so that the Triton interpreter stays fast on CPU; larger shapes are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import infoscale_triton.forward as forward
+from helpers import (DTYPES, LAYOUTS, MASKS, ON_GPU, STRING_TEMPERATURES, TENSOR_TEMPERATURES,
+                     check_fused, make_mask, make_qkv, make_temperature)
+
+gpu = pytest.mark.gpu
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+causal = pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+
+
+@dtypes
+@causal
+@pytest.mark.parametrize("cos_scale", [None, 32.0, 128.0])
+@pytest.mark.parametrize("temperature", [None, *STRING_TEMPERATURES, *TENSOR_TEMPERATURES])
+def test_temperature_and_cos_scale(temperature: str | None, cos_scale: float | None, is_causal: bool,
+                                   dtype: torch.dtype) -> None:
+    # Lq != Lk: causal rows see 21..70 keys, on both sides of train_len; D != Dv, neither a power of 2
+    b, h, lq, lk = 2, 2, 50, 70
+    q, k, v = make_qkv(b, h, h, lq, lk, 48, 80, dtype)
+    check_fused(q, k, v, is_causal=is_causal, cos_scale=cos_scale, **make_temperature(temperature, b, h, lq))
+
+
+LENGTHS = [(1, 1), (17, 17), (33, 97), (97, 33), (1, 50), (50, 1),
+           pytest.param(612, 612, marks=gpu), pytest.param(1025, 4001, marks=gpu),
+           pytest.param(4001, 1025, marks=gpu)]
+HEAD_DIMS = [(16, 16), (32, 32), (48, 48), (64, 64), (80, 80), (96, 96), (112, 112), (64, 32), (32, 112),
+             pytest.param(59, 59, marks=gpu), pytest.param(128, 128, marks=gpu),
+             pytest.param(111, 200, marks=gpu), pytest.param(256, 256, marks=gpu)]
+
+
+@dtypes
+@causal
+@pytest.mark.parametrize("lq,lk", LENGTHS, ids=str)
+@pytest.mark.parametrize("d,dv", HEAD_DIMS, ids=str)
+def test_head_dims_and_lengths(d: int, dv: int, lq: int, lk: int, is_causal: bool, dtype: torch.dtype) -> None:
+    # with Lq > Lk and causal the first Lq - Lk rows see no key and must be exactly zero
+    q, k, v = make_qkv(1, 2, 2, lq, lk, d, dv, dtype, std=3.0)
+    check_fused(q, k, v, is_causal=is_causal)
+
+
+@dtypes
+@causal
+@pytest.mark.parametrize("cos_scale", [None, 32.0])
+@pytest.mark.parametrize("temperature", [None, "logn_clipped", "tensor_bhl"])
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (8, 2), (4, 1), (6, 3)], ids=["mha", "gqa4", "mqa", "gqa2"])
+def test_gqa(hq: int, hkv: int, temperature: str | None, cos_scale: float | None, is_causal: bool,
+             dtype: torch.dtype) -> None:
+    b, lq, lk = 2, 37, 45
+    q, k, v = make_qkv(b, hq, hkv, lq, lk, 32, 32, dtype)
+    check_fused(q, k, v, is_causal=is_causal, enable_gqa=True, cos_scale=cos_scale,
+                **make_temperature(temperature, b, hq, lq))
+
+
+@dtypes
+@causal
+@pytest.mark.parametrize("cos_scale", [None, 32.0])
+@pytest.mark.parametrize("d", [32, 17])  # 17: rows of 34 / 68 bytes, never 16-byte aligned
+@pytest.mark.parametrize("layout", [*LAYOUTS, ("blhd", "contiguous", "last_stride2"),
+                                    ("offset", "blhd", "padded_rows")], ids=str)
+def test_layouts(layout: str | tuple[str, str, str], d: int, cos_scale: float | None, is_causal: bool,
+                 dtype: torch.dtype) -> None:
+    q, k, v = make_qkv(2, 2, 2, 40, 33, d, d, dtype, layout=layout)
+    check_fused(q, k, v, is_causal=is_causal, cos_scale=cos_scale)
+
+
+@dtypes
+@causal
+@pytest.mark.parametrize("temperature", [None, "infoscale", "logn_clipped", "tensor_b1l"])
+@pytest.mark.parametrize("mask", MASKS)
+def test_masks(mask: str, temperature: str | None, is_causal: bool, dtype: torch.dtype) -> None:
+    # string temperatures count n_i after the mask (and the causal cut)
+    b, h, lq, lk = 2, 2, 37, 53
+    q, k, v = make_qkv(b, h, h, lq, lk, 32, 32, dtype)
+    check_fused(q, k, v, attn_mask=make_mask(mask, b, h, lq, lk), is_causal=is_causal,
+                **make_temperature(temperature, b, h, lq, train_len=20))
+
+
+@causal
+@pytest.mark.parametrize("scale", [0.0, 0.02, 0.3, -0.05, -0.5])
+def test_explicit_scale(scale: float, is_causal: bool) -> None:
+    # torch accepts any finite scale, so does validation; a negative one flips which logit is largest
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 64, 64, torch.float32, std=3.0)
+    check_fused(q, k, v, scale=scale, is_causal=is_causal)
+
+
+CONFIGS = [(16, 32), (32, 32), (64, 16), (16, 64)]
+
+
+@causal
+@pytest.mark.parametrize("mask", [None, "bool_qk"])
+@pytest.mark.parametrize("lq,lk", [(45, 100), (100, 45), (64, 64)], ids=str)
+@pytest.mark.parametrize("block_m,block_n", CONFIGS, ids=str)
+def test_block_configs(block_m: int, block_n: int, lq: int, lk: int, mask: str | None, is_causal: bool,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other tile shapes (BLOCK_N > BLOCK_M included) move the causal diagonal and tile boundaries."""
+    monkeypatch.setattr(forward, "CONFIG_OVERRIDE", {"BLOCK_M": block_m, "BLOCK_N": block_n,
+                                                     "WARP_SPEC": False, "num_warps": 4, "num_stages": 1})
+    q, k, v = make_qkv(1, 2, 2, lq, lk, 32, 32, torch.float32)
+    check_fused(q, k, v, is_causal=is_causal, attn_mask=make_mask(mask, 1, 2, lq, lk),
+                temperature="infoscale", train_len=32)
+
+
+@dtypes
+@causal
+@pytest.mark.parametrize("layout", ["contiguous", "last_stride2", "expanded"])
+def test_cos_prenormalized_keys(layout: str, is_causal: bool, dtype: torch.dtype,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """COS_PRENORMALIZE_K: unit keys written by the pre-pass instead of 1/||k|| per tile."""
+    monkeypatch.setattr(forward, "COS_PRENORMALIZE_K", True)
+    q, k, v = make_qkv(2, 4, 2, 30, 41, 48, 32, dtype, layout=layout)
+    check_fused(q, k, v, is_causal=is_causal, cos_scale=64.0, enable_gqa=True,
+                temperature="infoscale_clipped", train_len=16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TF32 is a CUDA setting")
+@gpu
+@causal
+def test_float32_tf32(is_causal: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """allow_tf32 switches the float32 dots to TF32; the budget follows (the reference uses TF32 too)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    q, k, v = make_qkv(2, 4, 4, 300, 517, 64, 64, torch.float32)
+    check_fused(q, k, v, is_causal=is_causal, temperature="logn", train_len=128)
