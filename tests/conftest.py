@@ -21,6 +21,9 @@ import infoscale_triton.forward as forward  # noqa: E402  (after TRITON_INTERPRE
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "autotune: keep the autotuner on (GPU only)")
+    # numpy noise from inside Triton's interpreter (exp2 of -inf, int() of 1-element arrays)
+    for category in ("RuntimeWarning", "DeprecationWarning"):
+        config.addinivalue_line("filterwarnings", f"ignore::{category}:triton.runtime.interpreter")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

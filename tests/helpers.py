@@ -178,13 +178,13 @@ def _positions(mask: torch.Tensor, limit: int) -> str:
     return ", ".join(str(tuple(i)) for i in idx) + (f" and {more} more" if more > 0 else "")
 
 
-def mismatch_report(out: torch.Tensor, ref: torch.Tensor, err: float, budget: float,
+def mismatch_report(out: torch.Tensor, ref: torch.Tensor, headline: str, budget: float,
                     limit: int = 8) -> str:
-    """What went wrong: errors, NaN/inf positions and the first elements off by more than the budget
-    (relative to the element or, for small ones, to the RMS of the reference)."""
+    """What went wrong: NaN/inf positions and the first elements off by more than ``budget`` (relative
+    to the element or, for small ones, to the RMS of the reference)."""
     x = out.detach().to(torch.float64).cpu()
     ref = ref.cpu()
-    lines = [f"rel. error {err:.3e} > budget {budget:.3e}; shape {tuple(out.shape)}, dtype {out.dtype}"]
+    lines = [f"{headline}; shape {tuple(out.shape)}, dtype {out.dtype}"]
     for name, bad in (("NaN", torch.isnan(x)), ("inf", torch.isinf(x))):
         if bad.any():
             lines.append(f"{int(bad.sum())} {name} in output at {_positions(bad, limit)}")
@@ -215,7 +215,7 @@ def assert_matches_reference(out: torch.Tensor, query: torch.Tensor, key: torch.
     ref64 = reference_in(torch.float64, query, key, value, **opts)
     assert torch.isfinite(ref64).all(), "the float64 reference itself is not finite: bad test input"
     empty = empty_rows(query, key, **opts)
-    assert not torch.isnan(out).any(), mismatch_report(out, ref64, math.inf, 0.0)
+    assert not torch.isnan(out).any(), mismatch_report(out, ref64, "NaN in the output", FLOOR[dtype])
     if empty.any():
         got = out[empty]
         assert (got == 0).all(), (f"rows that see no key must be exactly zero, got nonzero/NaN at "
@@ -230,7 +230,9 @@ def assert_matches_reference(out: torch.Tensor, query: torch.Tensor, key: torch.
     assert math.isfinite(low_err), f"the {dtype} reference is not finite: inputs too large for {dtype}"
     budget = BUDGET_FACTOR * low_err + FLOOR[dtype]
     err = rel_error(out, ref64)
-    assert err <= budget, mismatch_report(out, ref64, err, budget)
+    assert err <= budget, mismatch_report(
+        out, ref64, f"rel. error {err:.3e} > budget {budget:.3e} (= {BUDGET_FACTOR:g} x {dtype} "
+        f"reference's {low_err:.3e} + {FLOOR[dtype]:g})", budget)
 
 
 def check_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **opts: Any) -> torch.Tensor:
