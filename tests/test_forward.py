@@ -110,18 +110,6 @@ def test_block_configs(block_m: int, block_n: int, lq: int, lk: int, mask: str |
                 temperature="infoscale", train_len=32)
 
 
-@dtypes
-@causal
-@pytest.mark.parametrize("layout", ["contiguous", "last_stride2", "expanded"])
-def test_cos_prenormalized_keys(layout: str, is_causal: bool, dtype: torch.dtype,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """COS_PRENORMALIZE_K: unit keys written by the pre-pass instead of 1/||k|| per tile."""
-    monkeypatch.setattr(forward, "COS_PRENORMALIZE_K", True)
-    q, k, v = make_qkv(2, 4, 2, 30, 41, 48, 32, dtype, layout=layout)
-    check_fused(q, k, v, is_causal=is_causal, cos_scale=64.0, enable_gqa=True,
-                temperature="infoscale_clipped", train_len=16)
-
-
 @pytest.mark.skipif(not ON_GPU, reason="TF32 is a CUDA setting")
 @gpu
 @causal
