@@ -147,7 +147,7 @@ def run_point(p: Point, args: argparse.Namespace, device: str, progress: str) ->
         for name in args.providers:
             t0 = time.perf_counter()
             temp = peers.TEMPERATURE[name]
-            rec = dict(mode=mode, provider=name, D=p.d, N=p.n, B=p.b, H=p.h, causal=int(p.causal),
+            rec = dict(mode=mode, provider=name, **{"pass": ""}, D=p.d, N=p.n, B=p.b, H=p.h, causal=int(p.causal),
                        dtype=args.dtype, n_sets=n_sets, err=math.nan, tol=tols[temp], check="-", reason="")
             fns: list[peers.Fn] = []
             for s in sets:
@@ -186,8 +186,12 @@ def run_point(p: Point, args: argparse.Namespace, device: str, progress: str) ->
     return records
 
 
-def _fmt(x: float, digits: int = 0) -> str:
-    return "nan" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+def _fmt(x: float, digits: int | None = None) -> str:
+    if x is None or math.isnan(x):
+        return "nan"
+    if digits is None:  # TFLOP/s: whole numbers on a GPU, two significant digits for the small ones
+        return f"{x:.0f}" if abs(x) >= 10 else f"{x:.2g}"
+    return f"{x:.{digits}f}"
 
 
 def print_tables(records: list[dict], providers: list[str]) -> None:
@@ -214,14 +218,15 @@ def print_tables(records: list[dict], providers: list[str]) -> None:
                 rows.append(row)
             print(f"\n{pass_} / {mode}: TFLOP/s (higher is better); ours/x > 1 means ours is faster")
             print(peers.format_table(headers, rows), flush=True)
-    reasons = dict.fromkeys(f"{r['provider']} ({r['mode']}, D={r['D']} N={r['N']} causal={r['causal']}): "
-                            f"{r['reason']}" for r in records if r["reason"])
+    reasons: dict[str, list[str]] = {}
+    for r in records:
+        if r["reason"]:
+            where = f"{r['mode']} D={r['D']} N={r['N']} causal={r['causal']}"
+            reasons.setdefault(f"{r['provider']}: {r['reason']}", []).append(where)
     if reasons:
         print("\nnan = could not run:")
-        for line in list(reasons)[:20]:
-            print("  " + line)
-        if len(reasons) > 20:
-            print(f"  ... {len(reasons) - 20} more in the JSON")
+        for why, where in reasons.items():
+            print(f"  {why}  [{where[0]}" + (f" and {len(where) - 1} more]" if len(where) > 1 else "]"))
     if any(r["check"] == "FAIL" for r in records):
         print("\n! = output differs from the float64 reference beyond the error budget (see err/tol in the JSON)")
 
