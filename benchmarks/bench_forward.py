@@ -147,8 +147,9 @@ def run_point(p: Point, args: argparse.Namespace, device: str, progress: str) ->
         for name in args.providers:
             t0 = time.perf_counter()
             temp = peers.TEMPERATURE[name]
-            rec = dict(mode=mode, provider=name, **{"pass": ""}, D=p.d, N=p.n, B=p.b, H=p.h, causal=int(p.causal),
-                       dtype=args.dtype, n_sets=n_sets, err=math.nan, tol=tols[temp], check="-", reason="")
+            rec = dict(mode=mode, provider=name, **{"pass": ""}, D=p.d, N=p.n, B=p.b, H=p.h,
+                       causal=int(p.causal), dtype=args.dtype, n_sets=n_sets, err=math.nan,
+                       tol=tols[temp], check="-", reason="")
             fns: list[peers.Fn] = []
             for s in sets:
                 built = peers.build(name, *s, p.causal, mode)
@@ -171,12 +172,13 @@ def run_point(p: Point, args: argparse.Namespace, device: str, progress: str) ->
                     except Exception as e:  # noqa: BLE001 - recorded, the run goes on
                         why = f"{type(e).__name__} while timing: {str(e)[:120]}"
                 flops = peers.attention_flops(p.b, p.h, p.n, p.n, p.d, p.causal, pass_)
-                r = dict(rec, **{"pass": pass_, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "reason": why})
+                tflops = flops / (ms * 1e-3) / 1e12
+                r = dict(rec, **{"pass": pass_, "ms": ms, "tflops": tflops, "reason": why})
                 records.append(r)
                 tail = f"NaN ({why})" if math.isnan(ms) else f"{ms:8.3f} ms {r['tflops']:7.1f} TFLOP/s"
                 chk = "" if math.isnan(r["err"]) else f" err {r['err']:.1e} tol {r['tol']:.1e} {r['check']}"
-                print(f"{progress} {mode:9s} {pass_} {name:11s} {tail}{chk}  [{time.perf_counter() - t0:.1f} s]",
-                      flush=True)
+                took = time.perf_counter() - t0
+                print(f"{progress} {mode:9s} {pass_} {name:11s} {tail}{chk}  [{took:.1f} s]", flush=True)
             del fns
             peers.free_memory()
         del refs
@@ -228,7 +230,8 @@ def print_tables(records: list[dict], providers: list[str]) -> None:
         for why, where in reasons.items():
             print(f"  {why}  [{where[0]}" + (f" and {len(where) - 1} more]" if len(where) > 1 else "]"))
     if any(r["check"] == "FAIL" for r in records):
-        print("\n! = output differs from the float64 reference beyond the error budget (see err/tol in the JSON)")
+        print("\n! = output differs from the float64 reference beyond the error budget "
+              "(err/tol in the JSON)")
 
 
 def metadata(args: argparse.Namespace, started: datetime) -> dict:
@@ -243,7 +246,7 @@ def metadata(args: argparse.Namespace, started: datetime) -> dict:
     props = torch.cuda.get_device_properties(0) if cuda else None
     return {
         "timestamp": started.isoformat(timespec="seconds"),
-        "gpu": torch.cuda.get_device_name(0) if cuda else f"none (CPU: {platform.processor() or platform.machine()})",
+        "gpu": torch.cuda.get_device_name(0) if cuda else f"none (CPU {platform.machine()})",
         "l2_bytes": getattr(props, "L2_cache_size", None),
         "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
         "torch": torch.__version__,
@@ -266,7 +269,9 @@ def metadata(args: argparse.Namespace, started: datetime) -> dict:
 def write_results(records: list[dict], meta: dict, out_dir: Path, started: datetime) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"bench_forward_{started:%Y%m%dT%H%M%SZ}"
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in records]
+    # JSON has no NaN: missing numbers are null
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+             for r in records]
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump({"meta": meta, "results": clean}, f, indent=1)
     cols = ["timestamp", "gpu", "torch", "triton", "package_version", "git_commit"]
@@ -283,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.smoke:
-        print("No CUDA device: the full grid is for a GPU. Use --smoke for a tiny interpreter run.", file=sys.stderr)
+        print("No CUDA device: the grid is for a GPU. Use --smoke for a tiny interpreter run.",
+              file=sys.stderr)
         return 2
     if device == "cpu" and args.dtype == "bfloat16":
         print("warning: the Triton interpreter's bf16 dot is wrong; ours will fail its check", flush=True)

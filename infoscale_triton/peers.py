@@ -258,6 +258,7 @@ def time_ms(fns: Sequence[Fn], warmup_ms: float = 10, rep_ms: float = 100) -> fl
         import triton.testing
 
         return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    step()  # warm-up (caches, thread pools)
     times: list[float] = []
     deadline = time.perf_counter() + rep_ms / 1e3
     while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 1000):
@@ -295,13 +296,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.double(), ref.double()
     if not torch.isfinite(out64).all():
         return float("nan")
-    return (torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64).clamp_min(1e-300)).item()
+    norm = torch.linalg.vector_norm
+    return (norm(out64 - ref64) / norm(ref64).clamp_min(1e-300)).item()
+
+
+# The atol-like part of the error budget, in relative-error units (as in tests/helpers.py).
+ERR_FLOOR: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
 
 
 def tolerance(baseline_err: float, dtype: torch.dtype) -> float:
-    """Error budget: twice the error of the same math done by PyTorch in ``dtype``, plus a quarter of
-    the dtype's epsilon (rounding of the output itself)."""
-    return 2.0 * baseline_err + 0.25 * torch.finfo(dtype).eps
+    """Error budget: twice the error of the same math done by PyTorch in ``dtype`` (its rounding is
+    what any low-precision kernel is up against), plus a small floor."""
+    return 2.0 * baseline_err + ERR_FLOOR.get(dtype, 1e-5)
 
 
 def passes(err: float, tol: float) -> bool:
