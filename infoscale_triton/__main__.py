@@ -198,6 +198,11 @@ def run_bench(mode: str = "infoscale") -> int:
     sets = [tuple(torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
             for _ in range(peers.input_sets_needed(set_bytes))]
     rows = []
+    threads = torch.get_num_threads()
+    if not gpu:
+        # the interpreter runs on one thread: so does the reference (and small shared CPUs then avoid
+        # OpenMP stalls, seen at 40 ms per call on a 2-core machine)
+        torch.set_num_threads(1)
     for causal in (False, True):
         flops = peers.attention_flops(b, h, n, n, d, causal)
         ms_ours = float("nan")
@@ -212,6 +217,7 @@ def run_bench(mode: str = "infoscale") -> int:
             tf = flops / (ms * 1e-3) / 1e12
             rows.append([int(causal), name, f"{ms:.3f}", f"{tf:.3g}", ratio, bad])
             print(f"  causal={int(causal)} {name}: {ms:.3f} ms" + (f" ({bad})" if bad else ""), flush=True)
+    torch.set_num_threads(threads)
     print()
     print(peers.format_table(["causal", "provider", "ms", "TFLOP/s", "ours/x", "note"], rows))
     return 0
@@ -236,8 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if code is not None:
         return code
     if _interpreting():
-        print("No CUDA GPU: running the kernels in Triton's interpreter on CPU (TRITON_INTERPRET=1), at "
-              "small sizes, in float16/float32.", flush=True)
+        import torch
+
+        why = "TRITON_INTERPRET is set" if torch.cuda.is_available() else "no CUDA GPU found"
+        print(f"{why}: running the kernels in Triton's INTERPRETER on CPU (TRITON_INTERPRET=1), at small "
+              "sizes, in float16/float32.", flush=True)
     status = 0
     if args.command in (None, "check"):
         status = run_check(getattr(args, "dtypes", None))
