@@ -114,7 +114,6 @@ def _sdpa(backend_name: str) -> Builder:
                     return F.scaled_dot_product_attention(qn, kn, v, is_causal=causal, scale=cos)
         return fn
 
-    build.__name__ = f"sdpa_{backend_name.lower()}"
     build.__doc__ = f"F.scaled_dot_product_attention restricted to SDPBackend.{backend_name}, on q * t_i."
     return build
 
