@@ -71,8 +71,10 @@ def scaled_dot_product_attention(
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(logits.dtype).expand(p.batch, p.heads_q, p.lq)
     elif temperature is not None:
-        n = allowed.sum(-1).to(logits.dtype)
-        t = row_temperature(n, TemperatureSpec.parse(temperature), train_len, p.head_dim)
+        # count and evaluate t in at least float32: bf16 cannot even hold n = 1001
+        work = torch.promote_types(logits.dtype, torch.float32)
+        n = allowed.sum(-1).to(work)
+        t = row_temperature(n, TemperatureSpec.parse(temperature), train_len, p.head_dim).to(logits.dtype)
     else:
         t = None
     if t is not None:

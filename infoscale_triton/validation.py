@@ -39,8 +39,13 @@ class Problem:
         return self.heads_q // self.heads_kv
 
 
+# Triton picks the interpreter or the compiler when the kernels are decorated, i.e. when this package
+# is imported: read the switch once, at the same moment, so that validation agrees with the kernels.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -185,6 +185,7 @@ def _prune(configs, named_args, **kwargs):
 _ALL = {(*c,) for table in FWD_CONFIGS.values() for c in table}
 attention_fwd_autotuned = triton.autotune(
     configs=[_config(*c) for c in sorted(_ALL)],
-    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "LQ_KEY", "LK_KEY"],
+    # COS and CLIP leave the key loop unchanged and share a config; these options change its work
+    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "LQ_KEY", "LK_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )(attention_fwd_kernel)
