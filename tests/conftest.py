@@ -12,11 +12,19 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import infoscale_triton.forward as forward  # noqa: E402  (after TRITON_INTERPRET)
+from infoscale_triton import forward  # only now: it imports triton and defines the kernels
+
+# Property tests: few examples through the interpreter, more compiled; never a deadline (the first
+# launch of a config compiles). `--hypothesis-profile NAME` picks another.
+settings.register_profile("cpu", max_examples=40, deadline=None, print_blob=True)
+settings.register_profile("gpu", max_examples=300, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
+settings.load_profile("gpu" if torch.cuda.is_available() else "cpu")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import (
+    DTYPES,
+    LAYOUTS,
+    MASKS,
+    ON_GPU,
+    STRING_TEMPERATURES,
+    TENSOR_TEMPERATURES,
+    check_fused,
+    make_mask,
+    make_qkv,
+    make_temperature,
+)
 
-import infoscale_triton.forward as forward
-from helpers import (DTYPES, LAYOUTS, MASKS, ON_GPU, STRING_TEMPERATURES, TENSOR_TEMPERATURES,
-                     check_fused, make_mask, make_qkv, make_temperature)
+from infoscale_triton import forward
 
 gpu = pytest.mark.gpu
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -71,6 +81,21 @@ def test_layouts(layout: str | tuple[str, str, str], d: int, cos_scale: float | 
                  dtype: torch.dtype) -> None:
     q, k, v = make_qkv(2, 2, 2, 40, 33, d, d, dtype, layout=layout)
     check_fused(q, k, v, is_causal=is_causal, cos_scale=cos_scale)
+
+
+@dtypes
+@pytest.mark.parametrize("lq,lk", [(1, 9), (9, 1), (1, 1)], ids=str)
+@pytest.mark.parametrize("source", ["contiguous", "prefix"])
+def test_single_row_unaligned(source: str, lq: int, lk: int, dtype: torch.dtype) -> None:
+    """Length-1 tensors whose row stride is not 16 bytes (D = 18): a contiguous (1, 1, 1, 18) tensor,
+    or the first row of each (2, 2, 4, 18) head, as when decoding one token."""
+    b, h = (1, 1) if source == "contiguous" else (2, 2)
+    q, k, v = make_qkv(b, h, h, 4, 9, 18, 18, dtype)
+    if source == "contiguous":
+        q, k, v = q[:, :, :lq].contiguous(), k[:, :, :lk].contiguous(), v[:, :, :lk].contiguous()
+    else:
+        q, k, v = q[:, :, :lq], k[:, :, :lk], v[:, :, :lk]
+    check_fused(q, k, v)
 
 
 @dtypes

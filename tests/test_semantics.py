@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, DTYPES, FLOOR, check_fused, make_mask, make_qkv, randn, rel_error
 
 import infoscale_triton
-from helpers import DEVICE, DTYPES, FLOOR, check_fused, make_mask, make_qkv, randn, rel_error
 from infoscale_triton import reference
 from infoscale_triton.temperature import TemperatureSpec, kernel_constants, row_temperature
 
@@ -163,3 +163,18 @@ def test_deterministic_and_inputs_untouched() -> None:
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v, mask, temp)))
     assert outs[0].dtype == torch.float16 and outs[0].shape == (2, 4, 50, 80) and outs[0].is_contiguous()
+
+
+def test_large_finite_float_bias_is_not_a_mask() -> None:
+    """Only -inf masks a key: a huge finite bias such as torch.finfo(float32).min (Hugging Face's
+    padding convention) is an ordinary bias, so a row whose keys all carry it still attends (uniformly
+    when the biases are equal), as in torch's SDPA and the reference. (float32 inputs: in float16 the
+    bias itself rounds to -inf.)"""
+    lq, lk = 20, 30
+    q, k, v = make_qkv(1, 2, 2, lq, lk, 32, 32, torch.float32)
+    low = torch.finfo(torch.float32).min
+    bias = torch.zeros(lq, lk, device=DEVICE).masked_fill(torch.rand(lq, lk, device=DEVICE) < 0.5, low)
+    bias[0] = low  # every key at the same huge bias: uniform attention
+    bias[1] = low
+    bias[1, :3] = 0.9 * low  # the first three keys win
+    check_fused(q, k, v, attn_mask=bias)

@@ -5,13 +5,14 @@ message that names the argument, in the fused path and (where the check is share
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from helpers import DEVICE
 
 import infoscale_triton
-from helpers import DEVICE
 from infoscale_triton import reference
 
 FUSED = infoscale_triton.scaled_dot_product_attention
