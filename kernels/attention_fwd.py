@@ -178,7 +178,8 @@ def fwd_default(block_d: int, interpret: bool) -> dict:
 
 
 def _prune(configs, named_args, **kwargs):
-    wanted = {str(c) for c in fwd_candidates(max(named_args["BLOCK_D"], named_args["BLOCK_DV"]))}
+    args = {**named_args, **kwargs}  # constexprs given as keywords arrive in kwargs
+    wanted = {str(c) for c in fwd_candidates(max(args["BLOCK_D"], args["BLOCK_DV"]))}
     return [c for c in configs if str(c) in wanted]
 
 
