@@ -1,7 +1,7 @@
 """Property-based: random configurations (shapes, GQA, dtype, layouts, masks, temperatures, CosScale,
 causal) against the float64 reference. Hypothesis prints the drawn configuration on failure; the tensors
 come from its ``seed`` field, so the printed example reproduces the failure. The number of examples
-comes from the hypothesis profile (tests/conftest.py: 40 on CPU, 300 on a GPU; ``--hypothesis-profile
+comes from the hypothesis profile (tests/conftest.py: 100 on CPU, 300 on a GPU; ``--hypothesis-profile
 thorough`` for 500)."""
 
 from __future__ import annotations

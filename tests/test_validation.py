@@ -13,7 +13,7 @@ import torch
 from helpers import DEVICE
 
 import infoscale_triton
-from infoscale_triton import reference
+from infoscale_triton import reference, validation
 
 FUSED = infoscale_triton.scaled_dot_product_attention
 REFERENCE = reference.scaled_dot_product_attention
@@ -165,7 +165,7 @@ def test_kernel_only_checks(exc: type[Exception], match: str, changes: dict[str,
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(validation, "interpreter_active", lambda: False)  # as without TRITON_INTERPRET
     with pytest.raises(ValueError, match=r"query is on cpu: the fused kernels need CUDA tensors"):
         call(FUSED, query=t(B, H, L, D, device="cpu"), key=t(B, H, L, D, device="cpu"),
              value=t(B, H, L, D, device="cpu"))
