@@ -22,7 +22,7 @@ from infoscale_triton import forward  # only now: it imports triton and defines 
 # Property tests: few examples through the interpreter, more compiled; never a deadline (the first
 # launch of a config compiles). `--hypothesis-profile NAME` picks another.
 settings.register_profile("cpu", max_examples=100, deadline=None, print_blob=True)
-settings.register_profile("gpu", max_examples=300, deadline=None, print_blob=True)
+settings.register_profile("gpu", max_examples=200, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=500, deadline=None, print_blob=True)
 settings.load_profile("gpu" if torch.cuda.is_available() else "cpu")
 

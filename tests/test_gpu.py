@@ -20,7 +20,7 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removepre
 def test_autotuned(d: int, is_causal: bool, dtype: torch.dtype) -> None:
     """AUTOTUNE stays on here: every candidate config must compile and give the right answer."""
     q, k, v = make_qkv(2, 8, 2, 1000, 1500, d, d, dtype)
-    opts = dict(is_causal=is_causal, enable_gqa=True, temperature="infoscale", train_len=512)
+    opts = {"is_causal": is_causal, "enable_gqa": True, "temperature": "infoscale", "train_len": 512}
     out = infoscale_triton.scaled_dot_product_attention(q, k, v, **opts)
     assert len(attention_fwd_autotuned.cache) > 0, "the autotuner did not run"
     assert_matches_reference(out, q, k, v, **opts)
@@ -52,7 +52,7 @@ def test_long_sequence_sampled_rows(strided: bool) -> None:
         assert q.storage_offset() + (length - 1) * q.stride(2) > 2**31
     else:
         q, k, v = make_qkv(1, 1, 1, length, length, d, d, torch.float16)
-    opts = dict(temperature="infoscale", train_len=4096)
+    opts = {"temperature": "infoscale", "train_len": 4096}
     out = infoscale_triton.scaled_dot_product_attention(q, k, v, is_causal=True, **opts)
     rows = torch.tensor([0, 1, 63, 64, 4095, 65535, 131072, length - 2, length - 1], device=DEVICE)
     rows = torch.cat([rows, torch.randint(0, length, (7,), device=DEVICE)])

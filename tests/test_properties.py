@@ -1,7 +1,7 @@
 """Property-based: random configurations (shapes, GQA, dtype, layouts, masks, temperatures, CosScale,
 causal) against the float64 reference. Hypothesis prints the drawn configuration on failure; the tensors
 come from its ``seed`` field, so the printed example reproduces the failure. The number of examples
-comes from the hypothesis profile (tests/conftest.py: 100 on CPU, 300 on a GPU; ``--hypothesis-profile
+comes from the hypothesis profile (tests/conftest.py: 100 on CPU, 200 on a GPU; ``--hypothesis-profile
 thorough`` for 500)."""
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
     cos_scale = draw(st.sampled_from([None, None, 8.0, 32.0, 128.0]))
     temperature = draw(st.sampled_from([None, *STRING_TEMPERATURES, "tensor"]))
     mask = draw(st.sampled_from([None, "bool", "float"]))
-    return dict(
-        b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, d=d, dv=draw(st.one_of(st.just(d), st.integers(16, 128))),
-        dtype=draw(st.sampled_from(DTYPES)), std=draw(st.floats(1.0, 3.0)),
-        layout=tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3)),
-        is_causal=draw(st.booleans()), enable_gqa=group > 1 or draw(st.booleans()), cos_scale=cos_scale,
-        scale=None if cos_scale else draw(st.one_of(st.none(), st.floats(0.01, 0.5))),
-        temperature=temperature,
-        train_len=draw(st.integers(2, 300)) if temperature in STRING_TEMPERATURES else None,
-        temperature_shape=_broadcast_shape(draw, (b, hq, lq)) if temperature == "tensor" else None,
-        mask=mask, mask_shape=_broadcast_shape(draw, (b, hq, lq, lk)) if mask else None,
-        mask_density=draw(st.sampled_from([0.0, 0.3, 0.9, 1.0])) if mask else None,
-        seed=draw(st.integers(0, 2**32 - 1)),
-    )
+    return {
+        "b": b, "hq": hq, "hkv": hkv, "lq": lq, "lk": lk, "d": d, "dv": draw(st.one_of(st.just(d), st.integers(16, 128))),
+        "dtype": draw(st.sampled_from(DTYPES)), "std": draw(st.floats(1.0, 3.0)),
+        "layout": tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3)),
+        "is_causal": draw(st.booleans()), "enable_gqa": group > 1 or draw(st.booleans()), "cos_scale": cos_scale,
+        "scale": None if cos_scale else draw(st.one_of(st.none(), st.floats(0.01, 0.5))),
+        "temperature": temperature,
+        "train_len": draw(st.integers(2, 300)) if temperature in STRING_TEMPERATURES else None,
+        "temperature_shape": _broadcast_shape(draw, (b, hq, lq)) if temperature == "tensor" else None,
+        "mask": mask, "mask_shape": _broadcast_shape(draw, (b, hq, lq, lk)) if mask else None,
+        "mask_density": draw(st.sampled_from([0.0, 0.3, 0.9, 1.0])) if mask else None,
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
 
 
 @given(cfg=problems())

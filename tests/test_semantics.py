@@ -56,8 +56,8 @@ def test_matches_torch_sdpa(mask: str | None, scale: float | None, gqa: bool) ->
     alignment agrees with ours), scale and GQA; the reference in float64 and float32, the kernel in
     float32."""
     b, hq, lq, lk = 2, 4, 29, 29 if mask == "causal" else 45
-    opts = dict(is_causal=mask == "causal", scale=scale, enable_gqa=gqa,
-                attn_mask=None if mask in (None, "causal") else make_mask(mask, b, hq, lq, lk))
+    opts = {"is_causal": mask == "causal", "scale": scale, "enable_gqa": gqa,
+                "attn_mask": None if mask in (None, "causal") else make_mask(mask, b, hq, lq, lk)}
     q, k, v = make_qkv(b, hq, 2 if gqa else hq, lq, lk, 32, 48, torch.float64)
     expected = F.scaled_dot_product_attention(q, k, v, **opts)
     torch.testing.assert_close(reference.scaled_dot_product_attention(q, k, v, **opts), expected,
@@ -138,7 +138,7 @@ def test_float_mask_of_neg_inf_counts_like_bool_mask(is_causal: bool, dtype: tor
     q, k, v = make_qkv(2, 2, 2, 33, 47, 32, 32, dtype)
     allowed = make_mask("bool_empty_rows", 2, 2, 33, 47)
     bias = torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, float("-inf"))
-    opts = dict(is_causal=is_causal, temperature="infoscale", train_len=16)
+    opts = {"is_causal": is_causal, "temperature": "infoscale", "train_len": 16}
     with_bool = sdpa(q, k, v, attn_mask=allowed, **opts)
     assert rel_error(sdpa(q, k, v, attn_mask=bias, **opts), with_bool.double()) <= FLOOR[dtype]
     check_fused(q, k, v, attn_mask=bias, **opts)
@@ -149,7 +149,7 @@ def test_float_mask_of_neg_inf_counts_like_bool_mask(is_causal: bool, dtype: tor
 @pytest.mark.parametrize("group", [2, 4])
 def test_gqa_equals_repeated_heads(group: int, is_causal: bool, dtype: torch.dtype) -> None:
     q, k, v = make_qkv(2, 2 * group, 2, 35, 41, 32, 32, dtype)
-    opts = dict(is_causal=is_causal, temperature="infoscale_clipped", train_len=8, cos_scale=32.0)
+    opts = {"is_causal": is_causal, "temperature": "infoscale_clipped", "train_len": 8, "cos_scale": 32.0}
     shared = sdpa(q, k, v, enable_gqa=True, **opts)
     repeated = sdpa(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), **opts)
     assert torch.equal(shared, repeated)
