@@ -46,9 +46,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _fixed_config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Launch one fixed config per call: autotuning every shape would take far too long. Tests marked
-    ``autotune`` keep the autotuner."""
-    if request.node.get_closest_marker("autotune") is None:
-        monkeypatch.setattr(forward, "AUTOTUNE", False)
+    ``autotune`` switch the autotuner on (whatever INFOSCALE_TRITON_AUTOTUNE says)."""
+    monkeypatch.setattr(forward, "AUTOTUNE", request.node.get_closest_marker("autotune") is not None)
 
 
 @pytest.fixture(autouse=True)

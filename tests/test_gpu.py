@@ -18,7 +18,7 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removepre
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_autotuned(d: int, is_causal: bool, dtype: torch.dtype) -> None:
-    """AUTOTUNE stays on here: every candidate config must compile and give the right answer."""
+    """The autotuner on (marker): every candidate config must compile and give the right answer."""
     q, k, v = make_qkv(2, 8, 2, 1000, 1500, d, d, dtype)
     opts = {"is_causal": is_causal, "enable_gqa": True, "temperature": "infoscale", "train_len": 512}
     out = infoscale_triton.scaled_dot_product_attention(q, k, v, **opts)
@@ -30,8 +30,10 @@ def test_autotuned(d: int, is_causal: bool, dtype: torch.dtype) -> None:
 @dtypes
 @pytest.mark.parametrize("cos_scale", [None, 64.0])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_realistic_size(is_causal: bool, cos_scale: float | None, dtype: torch.dtype) -> None:
-    q, k, v = make_qkv(4, 16, 4, 2048, 2048, 128, 128, dtype, layout="blhd")
+@pytest.mark.parametrize("b,hq,hkv,length", [(4, 16, 4, 2048), (1, 4, 1, 8500)], ids=str)  # 8500: long-Lk config
+def test_realistic_size(b: int, hq: int, hkv: int, length: int, is_causal: bool, cos_scale: float | None,
+                        dtype: torch.dtype) -> None:
+    q, k, v = make_qkv(b, hq, hkv, length, length, 128, 128, dtype, layout="blhd")
     check_fused(q, k, v, is_causal=is_causal, cos_scale=cos_scale, enable_gqa=True,
                 temperature="logn_clipped", train_len=1024)
 
