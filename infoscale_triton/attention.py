@@ -37,7 +37,9 @@ def scaled_dot_product_attention(
             in which case they use TF32.
         attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, Hq, Lq, Lk). The
             bias is added after the temperature: ``t_i * c * q.k + bias``. A key whose float bias is
-            ``-inf`` counts as masked for ``n_i``. May be combined with ``is_causal``.
+            ``-inf`` counts as masked for ``n_i``; finite biases (``finfo.min`` padding too) are ordinary
+            biases, saturated to +-2.3e38 so that they stay finite in the kernel's exp2 domain. May be
+            combined with ``is_causal``.
         dropout_p: must be 0.0 (dropout is not implemented yet).
         is_causal: causal mask aligned to the bottom-right when ``Lq != Lk`` (query i sees keys
             ``j <= i + Lk - Lq``, as with a KV cache)::

@@ -39,11 +39,12 @@ def _ensure_allocator() -> None:
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """TMA needs a unit last stride, 16-byte aligned base and 16-byte multiples for the other strides."""
+    """TMA needs a unit last stride, a 16-byte aligned base and 16-byte multiples for the row stride
+    (always used by the descriptor) and the batch/head strides (unused where that extent is 1)."""
     size = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(2) * size) % 16:
         return False
-    return all((s * size) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    return all((t.stride(i) * size) % 16 == 0 for i in (0, 1) if t.shape[i] > 1)
 
 
 def _tma_operand(t: torch.Tensor) -> torch.Tensor:
@@ -142,13 +143,14 @@ def attention_forward(
         HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
         IS_CAUSAL=is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
         COS=cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
+        SIGNED=temp_mode == MODE_TENSOR or p.scale < 0,
     )
     interpret = interpreter_active()
     if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None:
         grid = lambda c: (triton.cdiv(p.lq, c["BLOCK_M"]), p.heads_q, p.batch)  # noqa: E731
         attention_fwd_autotuned[grid](*args, **meta)
     else:
-        cfg = CONFIG_OVERRIDE or fwd_config(max(block_d, block_dv), p.lk, interpret)
+        cfg = CONFIG_OVERRIDE or fwd_config(block_d, block_dv, p.lk, q.element_size(), interpret)
         grid = (triton.cdiv(p.lq, cfg["BLOCK_M"]), p.heads_q, p.batch)
         attention_fwd_kernel[grid](*args, **meta, **cfg)
     return out, lse

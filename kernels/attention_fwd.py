@@ -44,7 +44,7 @@ def _fwd_tiles(
             p = tl.math.exp2(s - m_sub[:, None])
         else:
             if SIGNED:
-                # a tensor temperature may be negative: max(qk) * rs is then not the row max
+                # a negative row scale (tensor temperature, scale < 0): max(qk) * rs is not the row max
                 s = qk * rs[:, None]
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 p = tl.math.exp2(s - m_new[:, None])
@@ -81,6 +81,7 @@ def attention_fwd_kernel(
     COS: tl.constexpr,  # CosScale: 1/||q_i|| folded into the row scale (K comes as unit rows)
     MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
     DOT_PREC: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
+    SIGNED: tl.constexpr,  # the row scale may be negative (tensor temperature or scale < 0)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -129,7 +130,6 @@ def attention_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    SIGNED: tl.constexpr = TEMP_MODE == TEMP_TENSOR
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
                                offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, SIGNED,
                                False, DOT_PREC, BLOCK_N, WARP_SPEC)
@@ -171,21 +171,42 @@ def fwd_candidates(block_d: int) -> list:
     return [_config(*c) for c in FWD_CONFIGS[_table_key(block_d)]]
 
 
-def fwd_config(block_d: int, lk: int, interpret: bool) -> dict:
-    """The launch config used without autotuning: the sweep's leader for this head dim and length.
+# Shared memory per CTA on the H100 is 227 KB; keep a margin for the compiler's own buffers.
+SMEM_BUDGET = 216 * 1024
+
+
+def smem_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv: int, elsize: int) -> int:
+    """The tiles a config keeps in shared memory: q, and the k and v buffers that Triton's pipeliner
+    keeps in flight (num_stages - 1; 128x128 bf16 at D = 128 with 3 stages compiles and runs)."""
+    return elsize * (block_m * block_d + max(stages - 1, 1) * block_n * (block_d + block_dv))
+
+
+def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: bool) -> dict:
+    """The launch config used without autotuning: the sweep's leader for this head dim and length,
+    shrunk until its tiles fit in shared memory (float32 tiles are twice the size).
     (The autotuner's own timings differ run to run by up to 10%, enough to pick a slower config.)"""
     if interpret:
         # small and unequal blocks exercise the tile-boundary and diagonal logic
         return {"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": False, "num_warps": 4, "num_stages": 1}
-    key = _table_key(block_d)
+    key = _table_key(max(block_d, block_dv))
     if key == 64:
-        c = (64, 64, 4, 2) if lk <= 2048 else (64, 128, 4, 2)
+        bm, bn, warps, stages = (64, 64, 4, 2) if lk <= 2048 else (64, 128, 4, 2)
     elif key == 128:
-        c = (128, 64, 4, 2) if lk < 8192 else (128, 128, 8, 3)
+        bm, bn, warps, stages = (128, 64, 4, 2) if lk < 8192 else (128, 128, 8, 3)
     else:
-        c = (64, 64, 4, 2)
-    cfg = _config(*c)
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        bm, bn, warps, stages = (64, 64, 4, 2)
+    while smem_bytes(bm, bn, stages, block_d, block_dv, elsize) > SMEM_BUDGET:
+        if stages > 2:
+            stages -= 1
+        elif bn > 32:
+            bn //= 2
+        elif bm > 64:
+            bm //= 2
+        else:
+            stages = 1
+            break
+    warps = 4 if bm * bn < 128 * 128 else warps
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False, "num_warps": warps, "num_stages": stages}
 
 
 def _prune(configs, named_args, **kwargs):
@@ -198,6 +219,7 @@ _ALL = {(*c,) for table in FWD_CONFIGS.values() for c in table}
 attention_fwd_autotuned = triton.autotune(
     configs=[_config(*c) for c in sorted(_ALL)],
     # COS and CLIP leave the key loop unchanged and share a config; these options change its work
-    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "LQ_KEY", "LK_KEY"],
+    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "SIGNED", "LQ_KEY",
+         "LK_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )(attention_fwd_kernel)

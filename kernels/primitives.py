@@ -64,4 +64,7 @@ def key_validity(
         else:
             bias = tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32)
             valid = valid & (bias != float("-inf"))
+            # keep finite biases finite in the exp2 domain (x log2(e)): finfo.min pads, it does not mask;
+            # biases beyond +-2.3e38 saturate there (documented)
+            bias = tl.minimum(tl.maximum(bias, -2.3e38), 2.3e38)
     return valid, bias
