@@ -71,7 +71,7 @@ def attention_fwd_kernel(
     stride_tb, stride_th, stride_tm,
     stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b,
+    Hq, Lq, Lk, LK_ROWS, GROUP, scale_log2, temp_a, temp_b,
     LQ_KEY, LK_KEY,  # length buckets, read by the autotuner only
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -95,12 +95,13 @@ def attention_fwd_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
 
-    # TMA descriptors over this (batch, head)'s (L, D) slice: rows past L and columns past D read as 0
+    # TMA descriptors over this (batch, head)'s (L, D) slice: rows past L and columns past D read as 0.
+    # LK_ROWS = Lk except for Lk = 1, which the host pads to 2 rows (see forward.py).
     q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk.to(tl.int64) * stride_kh, shape=[Lk, HEAD_D],
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk.to(tl.int64) * stride_kh, shape=[LK_ROWS, HEAD_D],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk.to(tl.int64) * stride_vh, shape=[Lk, HEAD_DV],
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk.to(tl.int64) * stride_vh, shape=[LK_ROWS, HEAD_DV],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
     q = q_desc.load([m0, 0])
 
