@@ -47,17 +47,16 @@ def _tma_ready(t: torch.Tensor) -> bool:
     return all((t.stride(i) * size) % 16 == 0 for i in (0, 1) if t.shape[i] > 1)
 
 
-def _tma_operand(t: torch.Tensor, min_rows: int = 1) -> torch.Tensor:
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
     """The tensor itself when TMA can read it in place (any (B, L, H, D) transpose of a contiguous
-    tensor with 16-byte rows can); otherwise a copy with its rows padded to 16 bytes, backed by at
-    least ``min_rows`` zero-filled rows per (batch, head)."""
-    if _tma_ready(t) and t.shape[2] >= min_rows:
+    tensor with 16-byte rows can); otherwise a copy with its rows padded to 16 bytes."""
+    if _tma_ready(t):
         return t
     per16 = 16 // t.element_size()
-    b, h, n, d = t.shape
-    padded = t.new_zeros(b, h, max(n, min_rows), -(-d // per16) * per16)
-    padded[:, :, :n, :d].copy_(t)
-    return padded[:, :, :n, :d]
+    d = t.shape[-1]
+    padded = t.new_empty(*t.shape[:-1], -(-d // per16) * per16)
+    padded[..., :d].copy_(t)
+    return padded[..., :d]
 
 
 def _bucket(n: int) -> int:
@@ -99,11 +98,7 @@ def attention_forward(
     _ensure_allocator()
     if cos_scale is not None:
         key, _ = unit_rows(key)  # q is normalised inside the kernel, from the tile it loads anyway
-    # A one-row K/V descriptor faulted on the H100 (D=64, Dv=32, fp16: illegal address) while two rows
-    # never did: one-key inputs are read from zero-padded two-row copies (the kernel masks key 1).
-    lk_rows = max(p.lk, 2)
-    q = _tma_operand(query)
-    k, v = (_tma_operand(t, min_rows=lk_rows) for t in (key, value))
+    q, k, v = (_tma_operand(t) for t in (query, key, value))
     device = q.device
     if out is None:
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
@@ -141,7 +136,7 @@ def attention_forward(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *temp_strides, *count_strides, *mask_strides,
-        p.heads_q, p.lq, p.lk, lk_rows, p.group, p.scale * LOG2E, temp_a, temp_b,
+        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, temp_a, temp_b,
         _bucket(p.lq), _bucket(p.lk),
     )
     meta = dict(

@@ -64,7 +64,7 @@ def _fwd_tiles(
 # Lengths are not specialised: Triton would compile Lk == 1 as a constant, and that variant (a loop of
 # constant trip count 1) read an illegal address on the H100 at D=64, Dv=32, fp16; it also saves a
 # compile per length class.
-@triton.jit(do_not_specialize=["Lq", "Lk", "LK_ROWS"])
+@triton.jit(do_not_specialize=["Lq", "Lk"])
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, Temp, Count, Mask,
     stride_qb, stride_qh, stride_qm,
@@ -74,7 +74,7 @@ def attention_fwd_kernel(
     stride_tb, stride_th, stride_tm,
     stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, LK_ROWS, GROUP, scale_log2, temp_a, temp_b,
+    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b,
     LQ_KEY, LK_KEY,  # length buckets, read by the autotuner only
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -98,13 +98,12 @@ def attention_fwd_kernel(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
 
-    # TMA descriptors over this (batch, head)'s (L, D) slice: rows past L and columns past D read as 0.
-    # LK_ROWS = Lk except for Lk = 1, which the host pads to 2 rows (see forward.py).
+    # TMA descriptors over this (batch, head)'s (L, D) slice: rows past L and columns past D read as 0
     q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk.to(tl.int64) * stride_kh, shape=[LK_ROWS, HEAD_D],
+    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk.to(tl.int64) * stride_kh, shape=[Lk, HEAD_D],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk.to(tl.int64) * stride_vh, shape=[LK_ROWS, HEAD_DV],
+    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk.to(tl.int64) * stride_vh, shape=[Lk, HEAD_DV],
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
     q = q_desc.load([m0, 0])
 
