@@ -198,10 +198,15 @@ def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: boo
         bm, bn, warps, stages = (128, 64, 4, 2) if lk < 8192 else (128, 128, 8, 3)
     else:
         bm, bn, warps, stages = (64, 64, 4, 2)
-    while smem_bytes(bm, bn, stages, block_d, block_dv, elsize) > SMEM_BUDGET:
+    budget = SMEM_BUDGET
+    if elsize == 4:
+        # exact float32 dots run on the FMA units and stage their operands through shared memory too:
+        # the bf16 tile sizes failed to launch (out of shared memory) at D = 112 and 128 on the H100
+        bm, budget = min(bm, 64), SMEM_BUDGET // 2
+    while smem_bytes(bm, bn, stages, block_d, block_dv, elsize) > budget:
         if stages > 2:
             stages -= 1
-        elif bn > 32:
+        elif bn > 16:
             bn //= 2
         elif bm > 64:
             bm //= 2
