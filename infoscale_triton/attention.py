@@ -34,7 +34,8 @@ def scaled_dot_product_attention(
     Args:
         query, key, value: float16, bfloat16 or float32 CUDA tensors, ``16 <= D, Dv <= 256``. float32
             dots run in exact IEEE float32 unless ``torch.backends.cuda.matmul.allow_tf32`` is True,
-            in which case they use TF32.
+            in which case they use Triton's TF32 (relative error ~1e-3 measured on the H100, about 5x
+            PyTorch's own TF32 path).
         attn_mask: boolean (True = may attend) or additive float, broadcastable to (B, Hq, Lq, Lk). The
             bias is added after the temperature: ``t_i * c * q.k + bias``. A key whose float bias is
             ``-inf`` counts as masked for ``n_i``; finite biases (``finfo.min`` padding too) are ordinary
