@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .forward import attention_forward
@@ -64,6 +66,9 @@ def scaled_dot_product_attention(
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True)
-    out, _ = attention_forward(query, key, value, attn_mask, is_causal, temperature, train_len,
-                               cos_scale, p)
+    # Triton launches on the current device: make it the inputs' one (and the scratch allocator's)
+    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
+    with on_device:
+        out, _ = attention_forward(query, key, value, attn_mask, is_causal, temperature, train_len,
+                                   cos_scale, p)
     return out
