@@ -62,10 +62,19 @@ def scaled_dot_product_attention(
             ``t_i * s * cos(q_i, k_j)``. A zero row has zero cosines.
 
     Raises:
-        ValueError / TypeError naming the argument for bad input; NotImplementedError for dropout.
+        ValueError / TypeError naming the argument for bad input; NotImplementedError for dropout and
+        for inputs that require grad while grad mode is on (the backward is not implemented yet).
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True)
+    grads = [name for name, t in (("query", query), ("key", key), ("value", value),
+                                  ("temperature", temperature))
+             if isinstance(t, torch.Tensor) and t.requires_grad]
+    if grads and torch.is_grad_enabled():
+        # without a backward the output would silently carry no gradient to these inputs
+        raise NotImplementedError(
+            f"{', '.join(grads)} require grad, but the fused backward is not implemented yet: call under "
+            "torch.no_grad() / torch.inference_mode(), or use infoscale_triton.reference for training")
     # Triton launches on the current device: make it the inputs' one (and the scratch allocator's)
     on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with on_device:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DEVICE
+from helpers import DEVICE, make_qkv
 
 import infoscale_triton
 from infoscale_triton import reference, validation
@@ -190,3 +190,14 @@ def test_valid_edge_options_are_accepted(train_len: int) -> None:
         out = call(fn, temperature="infoscale", train_len=train_len, attn_mask=mask, dropout_p=0,
                    cos_scale=1e-3)
         assert torch.isfinite(out).all()
+
+
+def test_inputs_requiring_grad_are_refused_until_the_backward_exists() -> None:
+    """Without a backward the output would silently carry no gradient: refuse, and say what to do."""
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, torch.float32)
+    q.requires_grad_(True)
+    with pytest.raises(NotImplementedError, match="query require grad.*torch.no_grad"):
+        infoscale_triton.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        out = infoscale_triton.scaled_dot_product_attention(q, k, v)
+    assert out.shape == (1, 2, 8, 16) and not out.requires_grad
