@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -80,6 +81,62 @@ def _broadcast_strides(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ..
     return t.expand(shape).stride()
 
 
+@dataclass
+class LaunchOptions:
+    """What the forward and backward kernels share: the per-row temperature and mask operands (with
+    (B, Hq, Lq[, Lk]) broadcast strides) and the constexpr options."""
+
+    pointers: tuple  # Temp, Count, Mask
+    strides: tuple  # their 3 + 3 + 4 strides
+    temp_a: float
+    temp_b: float
+    meta: dict
+
+
+def launch_options(
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    temperature: str | torch.Tensor | None,
+    train_len: int | None,
+    cos_scale: float | None,
+    p: Problem,
+    dtype: torch.dtype,
+    dummy: torch.Tensor,
+) -> LaunchOptions:
+    """``dummy`` stands in for pointer arguments whose feature is off."""
+    device = dummy.device
+    # per-row temperature: its kind, the tensor or the counts n_i when a mask decides them
+    temp_mode, clip, temp_t, count_t = MODE_NONE, False, dummy, dummy
+    temp_strides = count_strides = (0, 0, 0)
+    if isinstance(temperature, torch.Tensor):
+        temp_mode, temp_t = MODE_TENSOR, temperature
+        temp_strides = _broadcast_strides(temperature, (p.batch, p.heads_q, p.lq))
+    elif p.temperature is not None:
+        temp_mode, clip = p.temperature.mode, p.temperature.clipped
+        if attn_mask is not None:
+            count_t = allowed_keys(attn_mask, is_causal, p.lq, p.lk, device).sum(-1, dtype=torch.int32)
+            count_strides = _broadcast_strides(count_t, (p.batch, p.heads_q, p.lq))
+    temp_a, temp_b = kernel_constants(p.temperature, train_len, p.head_dim)
+
+    mask_mode, mask_t, mask_strides = 0, dummy, (0, 0, 0, 0)
+    if attn_mask is not None:
+        mask_mode = 1 if attn_mask.dtype == torch.bool else 2
+        mask_t = attn_mask.view(torch.uint8) if mask_mode == 1 else attn_mask
+        mask_strides = _broadcast_strides(mask_t, (p.batch, p.heads_q, p.lq, p.lk))
+
+    # float32 dots: exact IEEE unless the user allowed TF32 for matmuls
+    dot_prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    meta = dict(
+        HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v,
+        BLOCK_D=max(triton.next_power_of_2(p.head_dim), 16),
+        BLOCK_DV=max(triton.next_power_of_2(p.head_dim_v), 16),
+        IS_CAUSAL=is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
+        COS=cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
+    )
+    return LaunchOptions((temp_t, count_t, mask_t), (*temp_strides, *count_strides, *mask_strides),
+                         temp_a, temp_b, meta)
+
+
 def attention_forward(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -103,48 +160,19 @@ def attention_forward(
     if out is None:
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
-    dummy = lse  # stands in for pointer arguments whose feature is off
-
-    # per-row temperature: its kind, the tensor or the counts n_i when a mask decides them
-    temp_mode, clip, temp_t, count_t = MODE_NONE, False, dummy, dummy
-    temp_strides = count_strides = (0, 0, 0)
-    if isinstance(temperature, torch.Tensor):
-        temp_mode, temp_t = MODE_TENSOR, temperature
-        temp_strides = _broadcast_strides(temperature, (p.batch, p.heads_q, p.lq))
-    elif p.temperature is not None:
-        temp_mode, clip = p.temperature.mode, p.temperature.clipped
-        if attn_mask is not None:
-            count_t = allowed_keys(attn_mask, is_causal, p.lq, p.lk, device).sum(-1, dtype=torch.int32)
-            count_strides = _broadcast_strides(count_t, (p.batch, p.heads_q, p.lq))
-    temp_a, temp_b = kernel_constants(p.temperature, train_len, p.head_dim)
-
-    mask_mode, mask_t, mask_strides = 0, dummy, (0, 0, 0, 0)
-    if attn_mask is not None:
-        mask_mode = 1 if attn_mask.dtype == torch.bool else 2
-        mask_t = attn_mask.view(torch.uint8) if mask_mode == 1 else attn_mask
-        mask_strides = _broadcast_strides(mask_t, (p.batch, p.heads_q, p.lq, p.lk))
-
-    # float32 dots: exact IEEE unless the user allowed TF32 for matmuls
-    dot_prec = "tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-    block_d = max(triton.next_power_of_2(p.head_dim), 16)
-    block_dv = max(triton.next_power_of_2(p.head_dim_v), 16)
+    opt = launch_options(attn_mask, is_causal, temperature, train_len, cos_scale, p, q.dtype, lse)
     args = (
-        q, k, v, out, lse, temp_t, count_t, mask_t,
+        q, k, v, out, lse, *opt.pointers,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *temp_strides, *count_strides, *mask_strides,
-        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, temp_a, temp_b,
+        *opt.strides,
+        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b,
         _bucket(p.lq), _bucket(p.lk),
     )
-    meta = dict(
-        HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        IS_CAUSAL=is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
-        COS=cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
-        SIGNED=temp_mode == MODE_TENSOR or p.scale < 0,
-    )
+    meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0)
+    block_d, block_dv = meta["BLOCK_D"], meta["BLOCK_DV"]
     interpret = interpreter_active()
     if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None:
         grid = lambda c: (triton.cdiv(p.lq, c["BLOCK_M"]), p.heads_q, p.batch)  # noqa: E731
