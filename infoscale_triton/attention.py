@@ -78,6 +78,5 @@ def scaled_dot_product_attention(
     # Triton launches on the current device: make it the inputs' one (and the scratch allocator's)
     on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with on_device:
-        out, _ = attention_forward(query, key, value, attn_mask, is_causal, temperature, train_len,
-                                   cos_scale, p)
+        out, _ = attention_forward(query, key, value, p)
     return out

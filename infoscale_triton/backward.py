@@ -25,18 +25,13 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     dout: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    temperature: str | torch.Tensor | None,
-    train_len: int | None,
-    cos_scale: float | None,
     p: Problem,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dt) of the forward that produced ``out`` and ``lse``; ``dt`` (the gradient
     of a tensor temperature, in the temperature's own shape) is None for other temperatures."""
     _ensure_allocator()
     k_inv = None
-    if cos_scale is not None:
+    if p.cos_scale is not None:
         key, k_inv = unit_rows(key)
     q, k, v, do = (_tma_operand(t) for t in (query, key, value, dout))
     device = q.device
@@ -47,11 +42,12 @@ def attention_backward(
         do.stride(0), do.stride(1), do.stride(2), p.heads_q, p.lq,
         HEAD_DV=p.head_dim_v, BLOCK_M=64, BLOCK_DV=block_dv,
     )
-    opt = launch_options(attn_mask, is_causal, temperature, train_len, cos_scale, p, q.dtype, delta)
+    opt = launch_options(p, q.dtype, delta)
+    temperature = p.temperature_tensor
     dq = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim, dtype=q.dtype, device=device)
     dk = torch.empty(p.batch, p.heads_kv, p.lk, p.head_dim, dtype=q.dtype, device=device)
     dv = torch.empty(p.batch, p.heads_kv, p.lk, p.head_dim_v, dtype=q.dtype, device=device)
-    temp_grad = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    temp_grad = temperature is not None and temperature.requires_grad
     dt = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device) if temp_grad else delta
     # one small config until the backward is tuned on the GPU
     cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1) if interpreter_active() else \

@@ -93,30 +93,21 @@ class LaunchOptions:
     meta: dict
 
 
-def launch_options(
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    temperature: str | torch.Tensor | None,
-    train_len: int | None,
-    cos_scale: float | None,
-    p: Problem,
-    dtype: torch.dtype,
-    dummy: torch.Tensor,
-) -> LaunchOptions:
+def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> LaunchOptions:
     """``dummy`` stands in for pointer arguments whose feature is off."""
-    device = dummy.device
+    device, attn_mask, temperature = dummy.device, p.attn_mask, p.temperature_tensor
     # per-row temperature: its kind, the tensor or the counts n_i when a mask decides them
     temp_mode, clip, temp_t, count_t = MODE_NONE, False, dummy, dummy
     temp_strides = count_strides = (0, 0, 0)
-    if isinstance(temperature, torch.Tensor):
+    if temperature is not None:
         temp_mode, temp_t = MODE_TENSOR, temperature
         temp_strides = _broadcast_strides(temperature, (p.batch, p.heads_q, p.lq))
     elif p.temperature is not None:
         temp_mode, clip = p.temperature.mode, p.temperature.clipped
         if attn_mask is not None:
-            count_t = allowed_keys(attn_mask, is_causal, p.lq, p.lk, device).sum(-1, dtype=torch.int32)
+            count_t = allowed_keys(attn_mask, p.is_causal, p.lq, p.lk, device).sum(-1, dtype=torch.int32)
             count_strides = _broadcast_strides(count_t, (p.batch, p.heads_q, p.lq))
-    temp_a, temp_b = kernel_constants(p.temperature, train_len, p.head_dim)
+    temp_a, temp_b = kernel_constants(p.temperature, p.train_len, p.head_dim)
 
     mask_mode, mask_t, mask_strides = 0, dummy, (0, 0, 0, 0)
     if attn_mask is not None:
@@ -130,37 +121,28 @@ def launch_options(
         HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v,
         BLOCK_D=max(triton.next_power_of_2(p.head_dim), 16),
         BLOCK_DV=max(triton.next_power_of_2(p.head_dim_v), 16),
-        IS_CAUSAL=is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
-        COS=cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
+        IS_CAUSAL=p.is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
+        COS=p.cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
     )
     return LaunchOptions((temp_t, count_t, mask_t), (*temp_strides, *count_strides, *mask_strides),
                          temp_a, temp_b, meta)
 
 
 def attention_forward(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attn_mask: torch.Tensor | None,
-    is_causal: bool,
-    temperature: str | torch.Tensor | None,
-    train_len: int | None,
-    cos_scale: float | None,
-    p: Problem,
-    out: torch.Tensor | None = None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the per-row
     log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key). ``out``, if given, is
     written in place (tests pass a NaN-poisoned one to catch unwritten elements)."""
     _ensure_allocator()
-    if cos_scale is not None:
+    if p.cos_scale is not None:
         key, _ = unit_rows(key)  # q is normalised inside the kernel, from the tile it loads anyway
     q, k, v = (_tma_operand(t) for t in (query, key, value))
     device = q.device
     if out is None:
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
-    opt = launch_options(attn_mask, is_causal, temperature, train_len, cos_scale, p, q.dtype, lse)
+    opt = launch_options(p, q.dtype, lse)
     args = (
         q, k, v, out, lse, *opt.pointers,
         q.stride(0), q.stride(1), q.stride(2),

@@ -20,7 +20,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z extents (heads, batch)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Problem:
     """The shapes and options of one attention call, after validation."""
 
@@ -33,6 +33,11 @@ class Problem:
     head_dim_v: int
     scale: float  # c in t_i * c * q.k (the cosine scale s under CosScale)
     temperature: TemperatureSpec | None  # parsed string temperature, None otherwise
+    temperature_tensor: torch.Tensor | None  # a per-row multiplier tensor, None otherwise
+    train_len: int | None
+    cos_scale: float | None
+    attn_mask: torch.Tensor | None
+    is_causal: bool
 
     @property
     def group(self) -> int:
@@ -196,4 +201,6 @@ def check_inputs(
         raise ValueError(f"train_len={train_len!r} given without a string temperature; pass e.g. "
                          "temperature='infoscale'")
 
-    return Problem(batch, heads_q, heads_kv, lq, lk, head_dim, head_dim_v, c, spec)
+    tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
+    return Problem(batch, heads_q, heads_kv, lq, lk, head_dim, head_dim_v, c, spec, tensor_temperature,
+                   train_len, None if cos_scale is None else float(cos_scale), attn_mask, is_causal)

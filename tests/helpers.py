@@ -143,8 +143,7 @@ def run_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      temperature, train_len, cos_scale, kernel=True)
     poisoned = torch.full((p.batch, p.heads_q, p.lq, p.head_dim_v), float("nan"), dtype=query.dtype,
                           device=query.device)
-    out, lse = attention_forward(query, key, value, mask, causal, temperature, train_len, cos_scale, p,
-                                 out=poisoned)
+    out, lse = attention_forward(query, key, value, p, out=poisoned)
     assert out.data_ptr() == poisoned.data_ptr(), "attention_forward did not write into out="
     return out, lse
 

@@ -37,10 +37,9 @@ def test_gradients_match_reference(case: tuple) -> None:
                 train_len=16 if isinstance(temp, str) else None, cos_scale=cos_scale)
     p = check_inputs(q, k, v, attn_mask, 0.0, causal, None, hq != hkv, temp, opts["train_len"], cos_scale,
                      kernel=True)
-    out, lse = attention_forward(q, k, v, attn_mask, causal, temp, opts["train_len"], cos_scale, p)
+    out, lse = attention_forward(q, k, v, p)
     dout = torch.randn_like(out)
-    dq, dk, dv_, dt = attention_backward(q, k, v, out, lse, dout, attn_mask, causal, temp,
-                                         opts["train_len"], cos_scale, p)
+    dq, dk, dv_, dt = attention_backward(q, k, v, out, lse, dout, p)
 
     leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
     ref_temp = temp.detach().double().requires_grad_(True) if isinstance(temp, torch.Tensor) else temp
