@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from .autograd import FusedAttention
 from .forward import attention_forward
 from .validation import check_inputs
 
@@ -62,21 +63,23 @@ def scaled_dot_product_attention(
             ``t_i * s * cos(q_i, k_j)``. A zero row has zero cosines.
 
     Raises:
-        ValueError / TypeError naming the argument for bad input; NotImplementedError for dropout and
-        for inputs that require grad while grad mode is on (the backward is not implemented yet).
+        ValueError / TypeError naming the argument for bad input; NotImplementedError for dropout.
+
+    Gradients flow to query, key, value and a tensor ``temperature`` through the fused backward
+    kernels (deterministic: no atomics, the same bits on every run).
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True)
-    grads = [name for name, t in (("query", query), ("key", key), ("value", value),
-                                  ("temperature", temperature))
-             if isinstance(t, torch.Tensor) and t.requires_grad]
-    if grads and torch.is_grad_enabled():
-        # without a backward the output would silently carry no gradient to these inputs
-        raise NotImplementedError(
-            f"{', '.join(grads)} require grad, but the fused backward is not implemented yet: call under "
-            "torch.no_grad() / torch.inference_mode(), or use infoscale_triton.reference for training")
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (query, key, value, temperature))
+    if torch.is_grad_enabled() and attn_mask is not None and attn_mask.requires_grad:
+        # a learned additive bias would silently get no gradient
+        raise NotImplementedError("attn_mask requires grad: gradients for the mask are not supported; "
+                                  "pass attn_mask.detach() or use infoscale_triton.reference")
     # Triton launches on the current device: make it the inputs' one (and the scratch allocator's)
     on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with on_device:
+        if needs_grad:
+            return FusedAttention.apply(query, key, value, p.temperature_tensor, p)
         out, _ = attention_forward(query, key, value, p)
     return out

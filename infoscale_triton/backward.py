@@ -1,21 +1,21 @@
-"""Host side of the fused backward (kernels/attention_bwd.py).
-
-Status: checked through the Triton interpreter against autograd of the float64 reference; not yet run
-compiled on a GPU, so the public function does not use it yet (it refuses inputs that require grad).
-"""
+"""Host side of the fused backward (kernels/attention_bwd.py)."""
 
 from __future__ import annotations
 
 import torch
 import triton
 
-from .forward import _ensure_allocator, _tma_operand, launch_options, unit_rows
+from .forward import LOG2E, _ensure_allocator, _tma_operand, kernel_key, launch_options
 from .kernels.attention_bwd import (
-    attention_bwd_delta_kernel,
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
+    attention_bwd_prep_kernel,
+    bwd_config,
 )
 from .validation import Problem, interpreter_active
+
+# Fixed (dK/dV, dQ) launch configs that bypass the table: set by benchmarks/sweep_configs.py.
+CONFIG_OVERRIDE: tuple[dict, dict] | None = None
 
 
 def attention_backward(
@@ -26,44 +26,55 @@ def attention_backward(
     lse: torch.Tensor,
     dout: torch.Tensor,
     p: Problem,
+    unit_key: torch.Tensor | None = None,
+    key_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dt) of the forward that produced ``out`` and ``lse``; ``dt`` (the gradient
-    of a tensor temperature, in the temperature's own shape) is None for other temperatures."""
+    of a tensor temperature, in the temperature's own shape) is None for other temperatures. Under
+    CosScale, ``unit_key``/``key_inv`` are forward.kernel_key's result (recomputed if not given)."""
     _ensure_allocator()
-    k_inv = None
     if p.cos_scale is not None:
-        key, k_inv = unit_rows(key)
+        if unit_key is None or key_inv is None:
+            unit_key, key_inv = kernel_key(key, p)
+        key = unit_key
     q, k, v, do = (_tma_operand(t) for t in (query, key, value, dout))
     device = q.device
     delta = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
-    block_dv = max(triton.next_power_of_2(p.head_dim_v), 16)
-    attention_bwd_delta_kernel[(triton.cdiv(p.lq, 64), p.heads_q, p.batch)](
-        out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), p.heads_q, p.lq,
-        HEAD_DV=p.head_dim_v, BLOCK_M=64, BLOCK_DV=block_dv,
-    )
+    row_scale = torch.empty_like(delta)
     opt = launch_options(p, q.dtype, delta)
+    meta = opt.meta
+    temp_t, count_t, mask_t = opt.pointers
+    block_m = 64
+    attention_bwd_prep_kernel[(triton.cdiv(p.lq, block_m), p.heads_q, p.batch)](
+        out, do, q, delta, row_scale, temp_t, count_t,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), *opt.strides[:6],
+        p.heads_q, p.lq, p.lk, p.scale * LOG2E, opt.temp_a, opt.temp_b,
+        HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
+        IS_CAUSAL=p.is_causal, TEMP_MODE=meta["TEMP_MODE"], CLIP=meta["CLIP"], HAS_COUNT=meta["HAS_COUNT"],
+        COS=meta["COS"], BLOCK_M=block_m,
+    )
     temperature = p.temperature_tensor
     dq = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim, dtype=q.dtype, device=device)
     dk = torch.empty(p.batch, p.heads_kv, p.lk, p.head_dim, dtype=q.dtype, device=device)
     dv = torch.empty(p.batch, p.heads_kv, p.lk, p.head_dim_v, dtype=q.dtype, device=device)
     temp_grad = temperature is not None and temperature.requires_grad
-    dt = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device) if temp_grad else delta
-    # one small config until the backward is tuned on the GPU
-    cfg = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1) if interpreter_active() else \
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    dt = torch.empty_like(delta) if temp_grad else delta
+    dkdv_cfg, dq_cfg = CONFIG_OVERRIDE or bwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(),
+                                                     interpreter_active())
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    common = (p.heads_q, p.lq, p.lk, p.group, p.scale, opt.temp_a, opt.temp_b)
-    attention_bwd_dkdv_kernel[(triton.cdiv(p.lk, cfg["BLOCK_N"]), p.heads_kv, p.batch)](
-        q, k, v, do, lse, delta, dk, dv, k_inv if k_inv is not None else delta, *opt.pointers,
+    shared = dict(HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
+                  IS_CAUSAL=p.is_causal, COS=meta["COS"], MASK_MODE=meta["MASK_MODE"], DOT_PREC=meta["DOT_PREC"])
+    attention_bwd_dkdv_kernel[(triton.cdiv(p.lk, dkdv_cfg["BLOCK_N"]), p.heads_kv, p.batch)](
+        q, k, v, do, lse, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, mask_t,
         *qkv_strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *opt.strides, *common, **opt.meta, **cfg,
+        *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, **shared, **dkdv_cfg,
     )
-    attention_bwd_dq_kernel[(triton.cdiv(p.lq, cfg["BLOCK_M"]), p.heads_q, p.batch)](
-        q, k, v, do, lse, delta, dq, dt, *opt.pointers,
-        *qkv_strides, dq.stride(0), dq.stride(1), dq.stride(2),
-        *opt.strides, *common, **opt.meta, TEMP_GRAD=temp_grad, **cfg,
+    attention_bwd_dq_kernel[(triton.cdiv(p.lq, dq_cfg["BLOCK_M"]), p.heads_q, p.batch)](
+        q, k, v, do, lse, delta, row_scale, dq, dt, mask_t,
+        *qkv_strides, dq.stride(0), dq.stride(1), dq.stride(2), *opt.strides[6:],
+        p.heads_q, p.lq, p.lk, p.group, p.scale, **shared, TEMP_GRAD=temp_grad, **dq_cfg,
     )
     if not temp_grad:
         return dq, dk, dv, None

@@ -128,15 +128,25 @@ def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> Launc
                          temp_a, temp_b, meta)
 
 
+def kernel_key(key: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The K the attention kernels read and, under CosScale, 1/||k_j|| (float32): the unit rows from
+    the pre-pass (q is normalised inside the kernels, from the tile they load anyway). Without
+    CosScale, key itself and None."""
+    return unit_rows(key) if p.cos_scale is not None else (key, None)
+
+
 def attention_forward(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None,
+    unit_key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the per-row
     log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key). ``out``, if given, is
-    written in place (tests pass a NaN-poisoned one to catch unwritten elements)."""
+    written in place (tests pass a NaN-poisoned one to catch unwritten elements). Under CosScale,
+    ``unit_key`` is kernel_key's result if the caller already has it (the autograd forward keeps it for
+    the backward)."""
     _ensure_allocator()
     if p.cos_scale is not None:
-        key, _ = unit_rows(key)  # q is normalised inside the kernel, from the tile it loads anyway
+        key = unit_key if unit_key is not None else kernel_key(key, p)[0]
     q, k, v = (_tma_operand(t) for t in (query, key, value))
     device = q.device
     if out is None:

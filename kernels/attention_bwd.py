@@ -1,15 +1,17 @@
-"""Fused attention backward (FlashAttention-2 style): a delta pre-pass, a dK/dV kernel and a dQ kernel
-that recompute the probabilities from the forward's log-sum-exp with the same per-row scale.
+"""Fused attention backward (FlashAttention-2 style): a pre-pass, a dK/dV kernel and a dQ kernel that
+recompute the probabilities from the forward's log-sum-exp with the same per-row scale.
 
-Natural-unit logit z_ij = a_i (q_i . k_j) + bias_ij with a_i = rs_i / log2(e) (rs_i: the forward's row
-scale, t_i * c [* 1/||q_i||]); P = softmax(z); dZ = P * (dP - delta_i), dP = dO V^T,
-delta_i = rowsum(dO * O). Then dV = P^T dO, dK_j = sum_i a_i dZ_ij q_i, dQ_i = a_i sum_j dZ_ij k_j and
-dt_i = (a_i / t_i) sum_j dZ_ij (q_i . k_j). Under CosScale K is the unit K of the forward's pre-pass and
-the epilogues apply the gradient of the L2 normalisation, dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||.
+In the exp2 domain the forward's logit is s_ij = rs_i (q_i . k_j) + log2(e) bias_ij with the row scale
+rs_i = t_i * c * log2(e) [* 1/||q_i|| under CosScale]; in natural units z_ij = a_i (q_i . k_j) + bias_ij,
+a_i = rs_i / log2(e). With P = softmax(z), dP = dO V^T and delta_i = rowsum(dO * O):
+dZ = P * (dP - delta_i), dV = P^T dO, dK_j = sum_i a_i dZ_ij q_i, dQ_i = a_i sum_j dZ_ij k_j, and for a
+tensor temperature dt_i = (a_i / t_i) sum_j dZ_ij (q_i . k_j). Under CosScale K is the forward's unit K
+and the epilogues apply the gradient of the L2 normalisation, dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||.
 
-Status: checked against autograd of the float64 reference through the Triton interpreter only; not
-yet compiled or timed on a GPU, and not yet wired into the public function (see benchmarks/NOTES.md).
-Every tile is masked (no diagonal/off-diagonal split yet): correctness first.
+The pre-pass stores delta_i and rs_i per row, so the two main kernels never evaluate the temperature
+or the q norms inside their loops. Tiles wholly inside the causal triangle skip the masking work; rows
+past Lq need none (their log-sum-exp reads as +inf, so p = 0), keys past Lk neither (TMA reads them as
+zeros, so they add nothing to dQ, and their own dK/dV rows are not stored).
 """
 
 import triton
@@ -18,61 +20,97 @@ import triton.language as tl
 from .primitives import MASK_NONE, TEMP_NONE, key_validity, row_temperature
 
 LOG2E = tl.constexpr(1.4426950408889634)
+INV_LOG2E = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def attention_bwd_delta_kernel(
-    Out, DOut, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, Hq, Lq,
-    HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+def attention_bwd_prep_kernel(
+    Out, DOut, Q, Delta, RowScale, Temp, Count,
+    stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, stride_qb, stride_qh, stride_qm,
+    stride_tb, stride_th, stride_tm, stride_cb, stride_ch, stride_cm,
+    Hq, Lq, Lk, scale_log2, temp_a, temp_b,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, TEMP_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_COUNT: tl.constexpr,
+    COS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in float32."""
+    """Delta[b, h, i] = sum_d dO * O (float32) and RowScale[b, h, i] = rs_i, computed exactly as the
+    forward computes it (same operations in the same order, so p matches the saved log-sum-exp)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DV)
+    row_ok = offs_m < Lq
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + rows * stride_dm + offs_d[None, :], mask=ok, other=0.0)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + rows * stride_dm + offs_dv[None, :], mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + (b * Hq + h) * Lq + offs_m, delta, mask=offs_m < Lq)
-
-
-@triton.jit
-def _row_scales(q, offs_m, Lq, Lk, temp_ptr, stride_tm, count_ptr, stride_cm, scale, temp_a, temp_b,
-                IS_CAUSAL: tl.constexpr, TEMP_MODE: tl.constexpr, CLIP: tl.constexpr,
-                HAS_COUNT: tl.constexpr, COS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(t_i, base_i, qinv_i) with the forward's natural row multiplier a_i = t_i * base_i."""
-    t = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
     if TEMP_MODE != TEMP_NONE:
-        t = row_temperature(offs_m, Lq, Lk, temp_ptr, stride_tm, count_ptr, stride_cm, temp_a, temp_b,
-                            IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT)
-    base = tl.zeros([BLOCK_M], dtype=tl.float32) + scale
-    qinv = tl.zeros([BLOCK_M], dtype=tl.float32)
+        rs = rs * row_temperature(offs_m, Lq, Lk, Temp + b * stride_tb + h * stride_th, stride_tm,
+                                  Count + b * stride_cb + h * stride_ch, stride_cm, temp_a, temp_b,
+                                  IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT)
     if COS:
+        offs_d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         qf = q.to(tl.float32)
         sq = tl.sum(qf * qf, 1)
-        qinv = tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
-        base = base * qinv
-    return t, base, qinv
+        rs = rs * tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
+    row = (b * Hq + h) * Lq + offs_m
+    tl.store(Delta + row, delta, mask=row_ok)
+    tl.store(RowScale + row, rs, mask=row_ok)
 
 
 @triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, rs_ptr, mask_ptr, stride_mm, stride_mn,
+    offs_n, lo, hi, Lq, Lk,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head, in the transposed
+    orientation (keys as rows) so that P^T and dS^T feed the dots without a transpose."""
+    for m0 in range(lo, hi, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        q = q_desc.load([m0, 0])
+        rs = tl.load(rs_ptr + offs_m, mask=row_ok, other=0.0)
+        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
+        qk_t = tl.dot(k, q.T, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        s_t = qk_t * rs[None, :]
+        if MASKED:
+            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
+                                       IS_CAUSAL, MASK_MODE)
+            if MASK_MODE != MASK_NONE:
+                s_t = s_t + bias.T * LOG2E
+            p_t = tl.where(valid.T, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        else:
+            p_t = tl.math.exp2(s_t - lse[None, :])
+        do = do_desc.load([m0, 0])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        dp_t = tl.dot(v, do.T, input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :]) * (rs * INV_LOG2E)[None, :]
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, KInv, Temp, Count, Mask,
+    Q, K, V, DOut, Lse, Delta, RowScale, DK, DV, KInv, Mask,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
-    stride_dvb, stride_dvh, stride_dvn,
-    stride_tb, stride_th, stride_tm, stride_cb, stride_ch, stride_cm,
-    stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale, temp_a, temp_b,
+    stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm, stride_mn,
+    Hq, Lq, Lk, GROUP,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TEMP_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_COUNT: tl.constexpr,
-    COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, kv head, batch): dK and dV summed over every query head of the
-    group (GQA) and every query block that sees the keys, so no atomics and a fixed order."""
+    group (GQA) and every query block that sees the keys, in a fixed order: no atomics, and the same
+    bits on every run."""
     n0 = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -86,10 +124,16 @@ def attention_bwd_dkdv_kernel(
     v = v_desc.load([n0, 0])
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    # causal: the first query row that sees key n0 is n0 - (Lk - Lq)
+    # Query blocks [m_lo, m_full) cross the causal diagonal (or carry an attn_mask) and are masked;
+    # [m_full, Lq) see every key of this block. Row i sees key j iff j <= i + Lk - Lq.
     m_lo = 0
+    m_full = 0
     if IS_CAUSAL:
         m_lo = tl.maximum(n0 - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+        m_full = (tl.maximum(n0 + BLOCK_N - 1 - (Lk - Lq), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if MASK_MODE != MASK_NONE:
+        m_full = Lq
+    m_mid = tl.minimum(m_full, Lq)
     for g in range(0, GROUP):
         h64 = (hk * GROUP + g).to(tl.int64)
         q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
@@ -97,27 +141,13 @@ def attention_bwd_dkdv_kernel(
         do_desc = tl.make_tensor_descriptor(DOut + b * stride_dob + h64 * stride_doh, shape=[Lq, HEAD_DV],
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
         row = (b * Hq + h64) * Lq
-        for m0 in range(m_lo, Lq, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = q_desc.load([m0, 0])
-            t, base, qinv = _row_scales(q, offs_m, Lq, Lk, Temp + b * stride_tb + h64 * stride_th, stride_tm,
-                                        Count + b * stride_cb + h64 * stride_ch, stride_cm, scale, temp_a,
-                                        temp_b, IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT, COS, BLOCK_M)
-            a = t * base
-            lse = tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf"))
-            delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
-            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, Mask + b * stride_mb + h64 * stride_mh,
-                                       stride_mm, stride_mn, IS_CAUSAL, MASK_MODE)
-            qk = tl.dot(q, k.T, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-            s = qk * (a * LOG2E)[:, None]
-            if MASK_MODE != MASK_NONE:
-                s = s + bias * LOG2E
-            p = tl.where(valid & (offs_m[:, None] < Lq), tl.math.exp2(s - lse[:, None]), 0.0)
-            do = do_desc.load([m0, 0])
-            dv = tl.dot(p.T.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dp = tl.dot(do, v.T, input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None]) * a[:, None]
-            dk = tl.dot(ds.T.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        mask_ptr = Mask + b * stride_mb + h64 * stride_mh
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
+                             mask_ptr, stride_mm, stride_mn, offs_n, m_lo, m_mid, Lq, Lk,
+                             IS_CAUSAL, MASK_MODE, True, DOT_PREC, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
+                             mask_ptr, stride_mm, stride_mn, offs_n, m_mid, Lq, Lq, Lk,
+                             IS_CAUSAL, MASK_MODE, False, DOT_PREC, BLOCK_M)
     if COS:
         # K was the unit K: chain through k_hat = k / ||k||
         kinv = tl.load(KInv + (b * (Hq // GROUP) + hk64) * Lk + offs_n, mask=offs_n < Lk, other=0.0)
@@ -133,24 +163,56 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tiles(
+    g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi, Lq, Lk,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Accumulate dQ (before the row scale) and the temperature's row sums over key tiles [lo, hi)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        k = k_desc.load([n0, 0])
+        v = v_desc.load([n0, 0])
+        qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+        s = qk * rs[:, None]
+        if MASKED:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
+                                       IS_CAUSAL, MASK_MODE)
+            if MASK_MODE != MASK_NONE:
+                s = s + bias * LOG2E
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, v.T, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
+        if TEMP_GRAD:
+            dt += tl.sum(ds * qk, 1)
+    return g, dt
+
+
+@triton.jit(do_not_specialize=["Lq", "Lk"])
 def attention_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, DT, Temp, Count, Mask,
+    Q, K, V, DOut, Lse, Delta, RowScale, DQ, DT, Mask,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-    stride_tb, stride_th, stride_tm, stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale, temp_a, temp_b,
+    Hq, Lq, Lk, GROUP, scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, TEMP_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_COUNT: tl.constexpr,
-    COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr, TEMP_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, query head, batch): dQ and, with TEMP_GRAD, dL/dt_i."""
-    m0 = tl.program_id(0) * BLOCK_M
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
+    m0 = pid_m * BLOCK_M
     h64 = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk64 = (tl.program_id(1) // GROUP).to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < Lq
     q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
                                        strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
     do_desc = tl.make_tensor_descriptor(DOut + b * stride_dob + h64 * stride_doh, shape=[Lq, HEAD_DV],
@@ -161,43 +223,55 @@ def attention_bwd_dq_kernel(
                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
     q = q_desc.load([m0, 0])
     do = do_desc.load([m0, 0])
-    t, base, qinv = _row_scales(q, offs_m, Lq, Lk, Temp + b * stride_tb + h64 * stride_th, stride_tm,
-                                Count + b * stride_cb + h64 * stride_ch, stride_cm, scale, temp_a, temp_b,
-                                IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT, COS, BLOCK_M)
-    a = t * base
     row = (b * Hq + h64) * Lq
-    lse = tl.load(Lse + row + offs_m, mask=offs_m < Lq, other=float("inf"))
-    delta = tl.load(Delta + row + offs_m, mask=offs_m < Lq, other=0.0)
+    rs = tl.load(RowScale + row + offs_m, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + row + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + row + offs_m, mask=row_ok, other=0.0)
     mask_ptr = Mask + b * stride_mb + h64 * stride_mh
-    hi = Lk
+    # key tiles [0, n_full) are visible to every row of the block, [n_full, hi) are masked
     if IS_CAUSAL:
         hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + Lk - Lq), 0)
+        n_full = tl.maximum(tl.minimum(m0 + Lk - Lq + 1, Lk), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        n_full = Lk // BLOCK_N * BLOCK_N
+    if MASK_MODE != MASK_NONE:
+        n_full = 0
     g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = k_desc.load([n0, 0])
-        v = v_desc.load([n0, 0])
-        valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn, IS_CAUSAL, MASK_MODE)
-        qk = tl.dot(q, k.T, input_precision=DOT_PREC)
-        s = qk * (a * LOG2E)[:, None]
-        if MASK_MODE != MASK_NONE:
-            s = s + bias * LOG2E
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, v.T, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
-        if TEMP_GRAD:
-            dt += tl.sum(ds * qk, 1)
+    g, dt = _dq_tiles(g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m,
+                      0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, False, DOT_PREC, TEMP_GRAD, BLOCK_N)
+    g, dt = _dq_tiles(g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m,
+                      n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, True, DOT_PREC, TEMP_GRAD, BLOCK_N)
+    a = rs * INV_LOG2E
+    base = tl.zeros([BLOCK_M], dtype=tl.float32) + scale  # a_i / t_i
     if COS:
         # chain through q_hat = q / ||q||: dq = a (g - q (q . g) / ||q||^2)
         qf = q.to(tl.float32)
+        sq = tl.sum(qf * qf, 1)
+        qinv = tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
         dq = a[:, None] * (g - qf * (tl.sum(qf * g, 1) * qinv * qinv)[:, None])
+        base = base * qinv
     else:
         dq = a[:, None] * g
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m[:, None].to(tl.int64)
     tl.store(DQ + b * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_D))
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
     if TEMP_GRAD:
-        tl.store(DT + row + offs_m, dt * base, mask=offs_m < Lq)
+        tl.store(DT + row + offs_m, dt * base, mask=row_ok)
+
+
+def bwd_config(block_d: int, block_dv: int, elsize: int, interpret: bool) -> tuple[dict, dict]:
+    """(dK/dV config, dQ config): BLOCK_N is the dK/dV kernel's resident key block and BLOCK_M the
+    query block it streams; the dQ kernel the other way round."""
+    if interpret:
+        small = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+        return small, small
+    dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if elsize == 4 or max(block_d, block_dv) > 128:
+        # float32 tiles and D = 256 are twice the bytes: smaller streamed blocks fit shared memory
+        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
+        dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dkdv, dq

@@ -192,12 +192,22 @@ def test_valid_edge_options_are_accepted(train_len: int) -> None:
         assert torch.isfinite(out).all()
 
 
-def test_inputs_requiring_grad_are_refused_until_the_backward_exists() -> None:
-    """Without a backward the output would silently carry no gradient: refuse, and say what to do."""
+def test_mask_requiring_grad_is_refused() -> None:
+    """The fused backward gives no gradient to attn_mask: refuse rather than drop it silently."""
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, torch.float32)
+    bias = torch.zeros(8, 8, device=DEVICE, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="attn_mask requires grad"):
+        infoscale_triton.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with torch.no_grad():
+        out = infoscale_triton.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert out.shape == (1, 2, 8, 16) and not out.requires_grad
+
+
+def test_no_grad_mode_builds_no_graph() -> None:
     q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, torch.float32)
     q.requires_grad_(True)
-    with pytest.raises(NotImplementedError, match="query require grad.*torch.no_grad"):
-        infoscale_triton.scaled_dot_product_attention(q, k, v)
     with torch.no_grad():
         out = infoscale_triton.scaled_dot_product_attention(q, k, v)
-    assert out.shape == (1, 2, 8, 16) and not out.requires_grad
+    assert not out.requires_grad
+    out = infoscale_triton.scaled_dot_product_attention(q, k, v)
+    assert out.requires_grad and out.grad_fn is not None
