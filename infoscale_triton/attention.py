@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from .autograd import FusedAttention
+from .dropout import draw_seed
 from .forward import attention_forward
 from .validation import check_inputs
 
@@ -44,7 +45,13 @@ def scaled_dot_product_attention(
             ``-inf`` counts as masked for ``n_i``; finite biases (``finfo.min`` padding too) are ordinary
             biases, saturated to +-2.3e38 so that they stay finite in the kernel's exp2 domain. May be
             combined with ``is_causal``.
-        dropout_p: must be 0.0 (dropout is not implemented yet).
+        dropout_p: attention dropout, in [0, 1): each probability (after the softmax, as in torch's SDPA)
+            is zeroed with probability ``dropout_p`` and the kept ones are scaled by
+            ``1 / (1 - dropout_p)``. Applied whenever ``dropout_p > 0`` (pass 0 in eval, as with torch).
+            The mask comes from Philox inside the kernels, keyed by a seed drawn from torch's default
+            generator on the inputs' device at each call: reproducible under ``torch.manual_seed``, and
+            regenerated identically by the backward. ``infoscale_triton.dropout.dropout_mask`` shows it
+            (debugging aid). ``dropout_p=0`` compiles the dropout code away.
         is_causal: causal mask aligned to the bottom-right when ``Lq != Lk`` (query i sees keys
             ``j <= i + Lk - Lq``, as with a KV cache)::
 
@@ -63,7 +70,7 @@ def scaled_dot_product_attention(
             ``t_i * s * cos(q_i, k_j)``. A zero row has zero cosines.
 
     Raises:
-        ValueError / TypeError naming the argument for bad input; NotImplementedError for dropout.
+        ValueError / TypeError naming the argument for bad input.
 
     Gradients flow to query, key, value and a tensor ``temperature`` through the fused backward
     kernels (deterministic: no atomics, the same bits on every run).
@@ -79,7 +86,9 @@ def scaled_dot_product_attention(
     # Triton launches on the current device: make it the inputs' one (and the scratch allocator's)
     on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
     with on_device:
+        # drawn first, before anything else random (dropout.py: how to get this call's mask)
+        seed = draw_seed(query.device) if p.dropout_p > 0 else None
         if needs_grad:
-            return FusedAttention.apply(query, key, value, p.temperature_tensor, p)
-        out, _ = attention_forward(query, key, value, p)
+            return FusedAttention.apply(query, key, value, p.temperature_tensor, p, seed)
+        out, _ = attention_forward(query, key, value, p, seed=seed)
     return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .forward import LOG2E, _ensure_allocator, _tma_operand, kernel_key, launch_options
+from .forward import LOG2E, _ensure_allocator, _tma_operand, dropout_args, kernel_key, launch_options
 from .kernels.attention_bwd import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
@@ -28,10 +28,12 @@ def attention_backward(
     p: Problem,
     unit_key: torch.Tensor | None = None,
     key_inv: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dt) of the forward that produced ``out`` and ``lse``; ``dt`` (the gradient
     of a tensor temperature, in the temperature's own shape) is None for other temperatures. Under
-    CosScale, ``unit_key``/``key_inv`` are forward.kernel_key's result (recomputed if not given)."""
+    CosScale, ``unit_key``/``key_inv`` are forward.kernel_key's result (recomputed if not given). With
+    dropout, ``seed`` must be the forward's (it regenerates the same mask)."""
     _ensure_allocator()
     if p.cos_scale is not None:
         if unit_key is None or key_inv is None:
@@ -43,6 +45,7 @@ def attention_backward(
     row_scale = torch.empty_like(delta)
     opt = launch_options(p, q.dtype, delta)
     meta = opt.meta
+    seed, dropout_p, dropout_scale = dropout_args(p, seed, delta)
     temp_t, count_t, mask_t = opt.pointers
     block_m = 64
     attention_bwd_prep_kernel[(triton.cdiv(p.lq, block_m), p.heads_q, p.batch)](
@@ -65,16 +68,18 @@ def attention_backward(
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     shared = dict(HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
-                  IS_CAUSAL=p.is_causal, COS=meta["COS"], MASK_MODE=meta["MASK_MODE"], DOT_PREC=meta["DOT_PREC"])
+                  IS_CAUSAL=p.is_causal, COS=meta["COS"], MASK_MODE=meta["MASK_MODE"], DOT_PREC=meta["DOT_PREC"],
+                  DROPOUT=meta["DROPOUT"])
     attention_bwd_dkdv_kernel[(triton.cdiv(p.lk, dkdv_cfg["BLOCK_N"]), p.heads_kv, p.batch)](
-        q, k, v, do, lse, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, mask_t,
+        q, k, v, do, lse, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, mask_t, seed,
         *qkv_strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, **shared, **dkdv_cfg,
+        *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, dropout_p, dropout_scale, **shared, **dkdv_cfg,
     )
     attention_bwd_dq_kernel[(triton.cdiv(p.lq, dq_cfg["BLOCK_M"]), p.heads_q, p.batch)](
-        q, k, v, do, lse, delta, row_scale, dq, dt, mask_t,
+        q, k, v, do, lse, delta, row_scale, dq, dt, mask_t, seed,
         *qkv_strides, dq.stride(0), dq.stride(1), dq.stride(2), *opt.strides[6:],
-        p.heads_q, p.lq, p.lk, p.group, p.scale, **shared, TEMP_GRAD=temp_grad, **dq_cfg,
+        p.heads_q, p.lq, p.lk, p.group, p.scale, dropout_p, dropout_scale, **shared, TEMP_GRAD=temp_grad,
+        **dq_cfg,
     )
     if not temp_grad:
         return dq, dk, dv, None

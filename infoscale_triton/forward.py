@@ -122,10 +122,21 @@ def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> Launc
         BLOCK_D=max(triton.next_power_of_2(p.head_dim), 16),
         BLOCK_DV=max(triton.next_power_of_2(p.head_dim_v), 16),
         IS_CAUSAL=p.is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
-        COS=p.cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec,
+        COS=p.cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec, DROPOUT=p.dropout_p > 0,
     )
     return LaunchOptions((temp_t, count_t, mask_t), (*temp_strides, *count_strides, *mask_strides),
                          temp_a, temp_b, meta)
+
+
+def dropout_args(p: Problem, seed: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """The kernels' (Seed, dropout_p, 1 / (1 - dropout_p)) arguments. With dropout on, ``seed`` is the
+    call's dropout.draw_seed tensor (the forward and its backward must get the same one)."""
+    if p.dropout_p == 0:
+        return dummy, 0.0, 1.0
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != dummy.device:
+        raise ValueError(f"dropout_p={p.dropout_p} needs the call's seed: a one-element int64 tensor on "
+                         f"{dummy.device} (infoscale_triton.dropout.draw_seed), got {seed!r}")
+    return seed, p.dropout_p, 1.0 / (1.0 - p.dropout_p)
 
 
 def kernel_key(key: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -137,13 +148,14 @@ def kernel_key(key: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tenso
 
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None,
-    unit_key: torch.Tensor | None = None,
+    unit_key: torch.Tensor | None = None, seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the per-row
     log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key). ``out``, if given, is
     written in place (tests pass a NaN-poisoned one to catch unwritten elements). Under CosScale,
     ``unit_key`` is kernel_key's result if the caller already has it (the autograd forward keeps it for
-    the backward)."""
+    the backward). With ``p.dropout_p > 0``, ``seed`` (dropout.draw_seed) picks the dropout mask; the
+    log-sum-exp is that of the undropped probabilities."""
     _ensure_allocator()
     if p.cos_scale is not None:
         key = unit_key if unit_key is not None else kernel_key(key, p)[0]
@@ -153,14 +165,15 @@ def attention_forward(
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
     opt = launch_options(p, q.dtype, lse)
+    seed, dropout_p, dropout_scale = dropout_args(p, seed, lse)
     args = (
-        q, k, v, out, lse, *opt.pointers,
+        q, k, v, out, lse, *opt.pointers, seed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *opt.strides,
-        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b,
+        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b, dropout_p, dropout_scale,
         _bucket(p.lq), _bucket(p.lk),
     )
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .temperature import TemperatureSpec, row_temperature
-from .validation import check_inputs
+from .validation import _broadcastable, check_inputs
 
 __all__ = ["scaled_dot_product_attention", "allowed_keys"]
 
@@ -37,6 +37,17 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, x / torch.where(norm > 0, norm, 1), 0)
 
 
+def _check_dropout_mask(mask: object, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"dropout_mask must be a boolean tensor (True = kept), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.device != device:
+        raise ValueError(f"dropout_mask is on {mask.device} but query is on {device}")
+    if not _broadcastable(tuple(mask.shape), shape):
+        raise ValueError(f"dropout_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"(batch, heads, Lq, Lk) = {shape}")
+
+
 def scaled_dot_product_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -50,14 +61,23 @@ def scaled_dot_product_attention(
     temperature: str | torch.Tensor | None = None,
     train_len: int | None = None,
     cos_scale: float | None = None,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference attention: ``softmax(t_i * c * q_i.k_j + bias_ij) @ v`` over the allowed keys.
 
     ``c`` is ``scale`` (default ``1/sqrt(D)``); with ``cos_scale=s`` the q and k rows are L2-normalised
     and ``c = s``. The computation runs in the inputs' dtype: pass float64 inputs for a check.
+
+    Dropout multiplies the probabilities by ``keep / (1 - dropout_p)``. ``dropout_mask`` (boolean, True
+    = kept, broadcastable to (B, Hq, Lq, Lk)) gives ``keep``, e.g. the fused kernels' own mask from
+    ``infoscale_triton.dropout.dropout_mask``; without it, ``dropout_p > 0`` draws a Bernoulli mask
+    from torch's generator (torch's semantics, not the kernels' bits).
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=False)
+    shape = (p.batch, p.heads_q, p.lq, p.lk)
+    if dropout_mask is not None:
+        _check_dropout_mask(dropout_mask, shape, query.device)
     q, k, v = query, key, value
     if p.group > 1:
         k = k.repeat_interleave(p.group, dim=1)
@@ -86,4 +106,8 @@ def scaled_dot_product_attention(
     # Rows with no allowed key: softmax would give NaN; they output zeros instead.
     empty = ~allowed.any(-1, keepdim=True)
     probs = torch.softmax(logits.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
+    if dropout_mask is None and p.dropout_p > 0:
+        dropout_mask = torch.rand(shape, device=probs.device) >= p.dropout_p
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0) / (1 - p.dropout_p)
     return probs @ v

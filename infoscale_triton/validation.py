@@ -38,6 +38,7 @@ class Problem:
     cos_scale: float | None
     attn_mask: torch.Tensor | None
     is_causal: bool
+    dropout_p: float = 0.0
 
     @property
     def group(self) -> int:
@@ -150,9 +151,6 @@ def check_inputs(
 
     if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not supported yet; "
-                                  "pass dropout_p=0.0")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
@@ -203,4 +201,5 @@ def check_inputs(
 
     tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
     return Problem(batch, heads_q, heads_kv, lq, lk, head_dim, head_dim_v, c, spec, tensor_temperature,
-                   train_len, None if cos_scale is None else float(cos_scale), attn_mask, is_causal)
+                   train_len, None if cos_scale is None else float(cos_scale), attn_mask, is_causal,
+                   float(dropout_p))

@@ -8,6 +8,10 @@ dZ = P * (dP - delta_i), dV = P^T dO, dK_j = sum_i a_i dZ_ij q_i, dQ_i = a_i sum
 tensor temperature dt_i = (a_i / t_i) sum_j dZ_ij (q_i . k_j). Under CosScale K is the forward's unit K
 and the epilogues apply the gradient of the L2 normalisation, dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||.
 
+Dropout (DROPOUT) with keep mask Z (primitives.dropout_keep, the forward's bits) and r = 1/(1 - p_drop):
+O = (P * Z r) V, so dV = (P * Z r)^T dO and dZ = P * (dP * Z r - delta_i), where delta_i = rowsum(dO * O)
+still holds with the dropped O that the forward returned.
+
 The pre-pass stores delta_i and rs_i per row, so the two main kernels never evaluate the temperature
 or the q norms inside their loops. Tiles wholly inside the causal triangle skip the masking work; rows
 past Lq need none (their log-sum-exp reads as +inf, so p = 0), keys past Lk neither (TMA reads them as
@@ -17,7 +21,7 @@ zeros, so they add nothing to dQ, and their own dK/dV rows are not stored).
 import triton
 import triton.language as tl
 
-from .primitives import MASK_NONE, TEMP_NONE, key_validity, row_temperature
+from .primitives import MASK_NONE, TEMP_NONE, dropout_keep, key_validity, row_temperature
 
 LOG2E = tl.constexpr(1.4426950408889634)
 INV_LOG2E = tl.constexpr(0.6931471805599453)
@@ -65,9 +69,9 @@ def attention_bwd_prep_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, rs_ptr, mask_ptr, stride_mm, stride_mn,
-    offs_n, lo, hi, Lq, Lk,
+    offs_n, lo, hi, Lq, Lk, seed, bh, dropout_p, dropout_scale,
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head, in the transposed
     orientation (keys as rows) so that P^T and dS^T feed the dots without a transpose."""
@@ -89,9 +93,16 @@ def _dkdv_tiles(
         else:
             p_t = tl.math.exp2(s_t - lse[None, :])
         do = do_desc.load([m0, 0])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        if DROPOUT:
+            # the (j, i) element gets the forward's (i, j) bit; dV's 1 / (1 - p) comes in the epilogue
+            keep_t = dropout_keep(seed, bh, offs_m, offs_n, dropout_p, True)
+            dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, do.T, input_precision=DOT_PREC)
+        if DROPOUT:
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
         ds_t = p_t * (dp_t - delta[None, :]) * (rs * INV_LOG2E)[None, :]
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
@@ -99,14 +110,14 @@ def _dkdv_tiles(
 
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, RowScale, DK, DV, KInv, Mask,
+    Q, K, V, DOut, Lse, Delta, RowScale, DK, DV, KInv, Mask, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP,
+    Hq, Lq, Lk, GROUP, dropout_p, dropout_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, kv head, batch): dK and dV summed over every query head of the
     group (GQA) and every query block that sees the keys, in a fixed order: no atomics, and the same
@@ -134,6 +145,9 @@ def attention_bwd_dkdv_kernel(
     if MASK_MODE != MASK_NONE:
         m_full = Lq
     m_mid = tl.minimum(m_full, Lq)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     for g in range(0, GROUP):
         h64 = (hk * GROUP + g).to(tl.int64)
         q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
@@ -142,12 +156,17 @@ def attention_bwd_dkdv_kernel(
                                             strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
         row = (b * Hq + h64) * Lq
         mask_ptr = Mask + b * stride_mb + h64 * stride_mh
+        bh = b * Hq + h64
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
                              mask_ptr, stride_mm, stride_mn, offs_n, m_lo, m_mid, Lq, Lk,
-                             IS_CAUSAL, MASK_MODE, True, DOT_PREC, BLOCK_M)
+                             seed, bh, dropout_p, dropout_scale,
+                             IS_CAUSAL, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
                              mask_ptr, stride_mm, stride_mn, offs_n, m_mid, Lq, Lq, Lk,
-                             IS_CAUSAL, MASK_MODE, False, DOT_PREC, BLOCK_M)
+                             seed, bh, dropout_p, dropout_scale,
+                             IS_CAUSAL, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M)
+    if DROPOUT:
+        dv = dv * dropout_scale
     if COS:
         # K was the unit K: chain through k_hat = k / ||k||
         kinv = tl.load(KInv + (b * (Hq // GROUP) + hk64) * Lk + offs_n, mask=offs_n < Lk, other=0.0)
@@ -165,8 +184,9 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(
     g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi, Lq, Lk,
+    seed, bh, dropout_p, dropout_scale,
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-    TEMP_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dQ (before the row scale) and the temperature's row sums over key tiles [lo, hi)."""
     for n0 in range(lo, hi, BLOCK_N):
@@ -175,8 +195,8 @@ def _dq_tiles(
         v = v_desc.load([n0, 0])
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)
         s = qk * rs[:, None]
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
             valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
                                        IS_CAUSAL, MASK_MODE)
             if MASK_MODE != MASK_NONE:
@@ -185,6 +205,8 @@ def _dq_tiles(
         else:
             p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v.T, input_precision=DOT_PREC)
+        if DROPOUT:
+            dp = tl.where(dropout_keep(seed, bh, offs_m, offs_n, dropout_p, False), dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
         if TEMP_GRAD:
@@ -194,14 +216,14 @@ def _dq_tiles(
 
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def attention_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, RowScale, DQ, DT, Mask,
+    Q, K, V, DOut, Lse, Delta, RowScale, DQ, DT, Mask, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale,
+    Hq, Lq, Lk, GROUP, scale, dropout_p, dropout_scale,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    TEMP_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, query head, batch): dQ and, with TEMP_GRAD, dL/dt_i."""
     pid_m = tl.program_id(0)
@@ -237,12 +259,18 @@ def attention_bwd_dq_kernel(
         n_full = Lk // BLOCK_N * BLOCK_N
     if MASK_MODE != MASK_NONE:
         n_full = 0
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    bh = b * Hq + h64
     g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dt = tl.zeros([BLOCK_M], dtype=tl.float32)
     g, dt = _dq_tiles(g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m,
-                      0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, False, DOT_PREC, TEMP_GRAD, BLOCK_N)
+                      0, n_full, Lq, Lk, seed, bh, dropout_p, dropout_scale,
+                      IS_CAUSAL, MASK_MODE, False, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
     g, dt = _dq_tiles(g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m,
-                      n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, True, DOT_PREC, TEMP_GRAD, BLOCK_N)
+                      n_full, hi, Lq, Lk, seed, bh, dropout_p, dropout_scale,
+                      IS_CAUSAL, MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
     a = rs * INV_LOG2E
     base = tl.zeros([BLOCK_M], dtype=tl.float32) + scale  # a_i / t_i
     if COS:

@@ -7,12 +7,16 @@ Logit of row i, key j, in the exp2 domain:
 Under CosScale K arrives as unit rows from a pre-pass (kernels/norms.py); the q norms come from the q
 tile each program loads anyway. Every option is a tl.constexpr so that the branches that are off
 compile away.
+
+Dropout (DROPOUT): the probabilities that feed P @ V are zeroed where primitives.dropout_keep says so
+(the backward regenerates the same bits) and the output is scaled by 1 / (1 - dropout_p); the row sum
+and the log-sum-exp stay those of the undropped probabilities, as in FlashAttention.
 """
 
 import triton
 import triton.language as tl
 
-from .primitives import MASK_NONE, TEMP_NONE, TEMP_TENSOR, key_validity, row_temperature
+from .primitives import MASK_NONE, TEMP_NONE, TEMP_TENSOR, dropout_keep, key_validity, row_temperature
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -20,8 +24,8 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-    offs_m, lo, hi, Lq, Lk,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, SIGNED: tl.constexpr,
+    offs_m, lo, hi, Lq, Lk, seed, bh, dropout_p,
+    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, SIGNED: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax update over key tiles [lo, hi). MASKED tiles check causality, the key bound and
@@ -55,6 +59,9 @@ def _fwd_tiles(
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if DROPOUT:
+            # after the row sum: l_i normalises the undropped p (1 / (1 - dropout_p) comes in the epilogue)
+            p = tl.where(dropout_keep(seed, bh, offs_m, offs_n, dropout_p, False), p, 0.0)
         v = v_desc.load([start_n, 0])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -66,7 +73,7 @@ def _fwd_tiles(
 # compile per length class.
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Temp, Count, Mask,
+    Q, K, V, Out, Lse, Temp, Count, Mask, Seed,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -74,7 +81,7 @@ def attention_fwd_kernel(
     stride_tb, stride_th, stride_tm,
     stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b,
+    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b, dropout_p, dropout_scale,
     LQ_KEY, LK_KEY,  # length buckets, read by the autotuner only
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -85,6 +92,7 @@ def attention_fwd_kernel(
     MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
     DOT_PREC: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
     SIGNED: tl.constexpr,  # the row scale may be negative (tensor temperature or scale < 0)
+    DROPOUT: tl.constexpr,  # dropout_p > 0: Seed holds the call's Philox key (int64)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -130,19 +138,25 @@ def attention_fwd_kernel(
     if MASK_MODE != MASK_NONE:
         n_full = 0
 
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    bh = b * Hq + h64
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                               offs_m, 0, n_full, Lq, Lk, IS_CAUSAL, MASK_MODE, SIGNED,
-                               False, DOT_PREC, BLOCK_N, WARP_SPEC)
+                               offs_m, 0, n_full, Lq, Lk, seed, bh, dropout_p, IS_CAUSAL, MASK_MODE, SIGNED,
+                               DROPOUT, False, DOT_PREC, BLOCK_N, WARP_SPEC)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                               offs_m, n_full, hi, Lq, Lk, IS_CAUSAL, MASK_MODE, SIGNED,
-                               True, DOT_PREC, BLOCK_N, False)
+                               offs_m, n_full, hi, Lq, Lk, seed, bh, dropout_p, IS_CAUSAL, MASK_MODE, SIGNED,
+                               DROPOUT, True, DOT_PREC, BLOCK_N, False)
 
     # Epilogue: rows that saw no key write zeros and lse = +inf (so a backward recomputes p = 0).
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
     lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     row_ok = offs_m < Lq
     tl.store(Lse + (b * Hq + h64) * Lq + offs_m, lse, mask=row_ok)
@@ -227,7 +241,7 @@ _ALL = {(*c,) for table in FWD_CONFIGS.values() for c in table}
 attention_fwd_autotuned = triton.autotune(
     configs=[_config(*c) for c in sorted(_ALL)],
     # COS and CLIP leave the key loop unchanged and share a config; these options change its work
-    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "SIGNED", "LQ_KEY",
-         "LK_KEY"],
+    key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "SIGNED", "DROPOUT",
+         "LQ_KEY", "LK_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )(attention_fwd_kernel)

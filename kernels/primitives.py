@@ -1,4 +1,5 @@
-"""Triton pieces shared by the attention kernels: per-row temperature, key validity of a tile."""
+"""Triton pieces shared by the attention kernels: per-row temperature, key validity of a tile, and
+attention dropout's keep mask."""
 
 import triton
 import triton.language as tl
@@ -68,3 +69,25 @@ def key_validity(
             # biases beyond +-2.3e38 saturate there (documented)
             bias = tl.minimum(tl.maximum(bias, -2.3e38), 2.3e38)
     return valid, bias
+
+
+@triton.jit
+def dropout_keep(seed, bh, offs_m, offs_n, dropout_p, TRANSPOSED: tl.constexpr):
+    """Attention dropout's keep mask for rows ``offs_m`` and keys ``offs_n`` of the (batch, query head)
+    ``bh = b * Hq + h``: shape (rows, keys), or (keys, rows) with TRANSPOSED (the dK/dV kernel's tiles).
+
+    Element (i, j) is decided by one Philox draw at the 4 x 32-bit counter (j, i, bh, 0) under the call's
+    64-bit ``seed``: every element has its own counter at any size (no flattened index that could wrap
+    at 2**32), and every kernel, tile shape and orientation gets the same bit. Keep iff u >= dropout_p
+    with u uniform on the 2**-24 grid (exact in float32), so P(keep) = 1 - dropout_p to within 6e-8."""
+    if TRANSPOSED:
+        zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.uint32)
+        c0 = offs_n[:, None].to(tl.uint32) + zero
+        c1 = offs_m[None, :].to(tl.uint32) + zero
+    else:
+        zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.uint32)
+        c0 = offs_n[None, :].to(tl.uint32) + zero
+        c1 = offs_m[:, None].to(tl.uint32) + zero
+    r, _, _, _ = tl.philox(seed, c0, c1, zero + bh.to(tl.uint32), zero)
+    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return u >= dropout_p
