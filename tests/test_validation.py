@@ -76,7 +76,6 @@ SHARED = [
          attn_mask=torch.ones(3, L, L, dtype=torch.bool, device=DEVICE)),
     case("mask-device", ValueError, r"attn_mask is on meta but query is on",
          attn_mask=torch.ones(L, L, dtype=torch.bool, device="meta")),
-    case("dropout-implemented", NotImplementedError, r"dropout_p=0\.1", dropout_p=0.1),
     case("dropout-negative", ValueError, r"dropout_p must be a number in \[0, 1\), got -0\.1", dropout_p=-0.1),
     case("dropout-one", ValueError, r"dropout_p must be a number in \[0, 1\), got 1\.0", dropout_p=1.0),
     case("dropout-nan", ValueError, r"dropout_p must be a number", dropout_p=math.nan),
@@ -181,6 +180,33 @@ def test_reference_runs_float64_small_head_dims_on_cpu() -> None:
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert not torch.allclose(out, expected)  # the temperature changes the result...
     torch.testing.assert_close(REFERENCE(q, k, v, is_causal=True), expected)  # ...and without it: SDPA
+
+
+# The reference's dropout_mask (the fused path has no such argument).
+REFERENCE_ONLY = [
+    case("dropout-mask-float", TypeError, r"dropout_mask must be a boolean tensor .* got torch\.float32",
+         dropout_p=0.1, dropout_mask=torch.ones(L, L, device=DEVICE)),
+    case("dropout-mask-list", TypeError, r"dropout_mask must be a boolean tensor .* got list",
+         dropout_p=0.1, dropout_mask=[[True]]),
+    case("dropout-mask-shape", ValueError, r"dropout_mask of shape \(3, 5, 5\) does not broadcast to "
+         r"\(batch, heads, Lq, Lk\) = \(1, 2, 5, 5\)", dropout_p=0.1,
+         dropout_mask=torch.ones(3, L, L, dtype=torch.bool, device=DEVICE)),
+    case("dropout-mask-device", ValueError, r"dropout_mask is on meta but query is on", dropout_p=0.1,
+         dropout_mask=torch.ones(L, L, dtype=torch.bool, device="meta")),
+]
+
+
+@pytest.mark.parametrize("exc,match,changes", REFERENCE_ONLY)
+def test_reference_only_checks(exc: type[Exception], match: str, changes: dict[str, Any]) -> None:
+    with pytest.raises(exc, match=match):
+        call(REFERENCE, **changes)
+
+
+@pytest.mark.parametrize("fn", [FUSED, REFERENCE], ids=["fused", "reference"])
+@pytest.mark.parametrize("dropout_p", [0.1, 0.999, 1e-9])
+def test_dropout_is_accepted(fn: Callable[..., torch.Tensor], dropout_p: float) -> None:
+    out = call(fn, dropout_p=dropout_p, is_causal=True)
+    assert out.shape == (B, H, L, D) and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("train_len", [2, 4096])
