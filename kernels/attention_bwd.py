@@ -69,9 +69,9 @@ def attention_bwd_prep_kernel(
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, rs_ptr, mask_ptr, stride_mm, stride_mn,
-    offs_n, lo, hi, Lq, Lk, seed, bh, dropout_p, dropout_scale,
+    n0, offs_n, lo, hi, Lq, Lk, seed, bh, dropout_p, dropout_scale,
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head, in the transposed
     orientation (keys as rows) so that P^T and dS^T feed the dots without a transpose."""
@@ -95,7 +95,7 @@ def _dkdv_tiles(
         do = do_desc.load([m0, 0])
         if DROPOUT:
             # the (j, i) element gets the forward's (i, j) bit; dV's 1 / (1 - p) comes in the epilogue
-            keep_t = dropout_keep(seed, bh, offs_m, offs_n, dropout_p, True)
+            keep_t = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, True)
             dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
         else:
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -158,13 +158,13 @@ def attention_bwd_dkdv_kernel(
         mask_ptr = Mask + b * stride_mb + h64 * stride_mh
         bh = b * Hq + h64
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
-                             mask_ptr, stride_mm, stride_mn, offs_n, m_lo, m_mid, Lq, Lk,
+                             mask_ptr, stride_mm, stride_mn, n0, offs_n, m_lo, m_mid, Lq, Lk,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M)
+                             IS_CAUSAL, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
-                             mask_ptr, stride_mm, stride_mn, offs_n, m_mid, Lq, Lq, Lk,
+                             mask_ptr, stride_mm, stride_mn, n0, offs_n, m_mid, Lq, Lq, Lk,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M)
+                             IS_CAUSAL, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
     if DROPOUT:
         dv = dv * dropout_scale
     if COS:
@@ -195,8 +195,8 @@ def _dq_tiles(
         v = v_desc.load([n0, 0])
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)
         s = qk * rs[:, None]
-        offs_n = n0 + tl.arange(0, BLOCK_N)
         if MASKED:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
             valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
                                        IS_CAUSAL, MASK_MODE)
             if MASK_MODE != MASK_NONE:
@@ -206,7 +206,7 @@ def _dq_tiles(
             p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v.T, input_precision=DOT_PREC)
         if DROPOUT:
-            dp = tl.where(dropout_keep(seed, bh, offs_m, offs_n, dropout_p, False), dp * dropout_scale, 0.0)
+            dp = tl.where(dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, False), dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
         if TEMP_GRAD:

@@ -72,22 +72,33 @@ def key_validity(
 
 
 @triton.jit
-def dropout_keep(seed, bh, offs_m, offs_n, dropout_p, TRANSPOSED: tl.constexpr):
-    """Attention dropout's keep mask for rows ``offs_m`` and keys ``offs_n`` of the (batch, query head)
-    ``bh = b * Hq + h``: shape (rows, keys), or (keys, rows) with TRANSPOSED (the dK/dV kernel's tiles).
+def dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Attention dropout's keep mask for rows ``offs_m`` and keys ``n0 .. n0 + BLOCK_N`` (n0 a multiple
+    of 4) of the (batch, query head) ``bh = b * Hq + h``: shape (rows, keys), or (keys, rows) with
+    TRANSPOSED (the dK/dV kernel's tiles).
 
-    Element (i, j) is decided by one Philox draw at the 4 x 32-bit counter (j, i, bh, 0) under the call's
-    64-bit ``seed``: every element has its own counter at any size (no flattened index that could wrap
-    at 2**32), and every kernel, tile shape and orientation gets the same bit. Keep iff u >= dropout_p
-    with u uniform on the 2**-24 grid (exact in float32), so P(keep) = 1 - dropout_p to within 6e-8."""
+    One Philox call at the 4 x 32-bit counter (j // 4, i, bh, 0) under the call's 64-bit ``seed`` gives
+    four words, one for each of the keys 4 (j // 4) .. + 3 of row i: a quarter of the integer work and
+    registers of a call per element, and the bits do not depend on the tile shape or orientation, so
+    every kernel regenerates the same mask. Separate counters for key, row and head cannot wrap at any
+    size (a flattened index would at 2**32). Keep iff u >= dropout_p with u uniform on the 2**-24 grid
+    (exact in float32): P(keep) = 1 - dropout_p to within 6e-8."""
+    zero = tl.zeros([offs_m.shape[0], BLOCK_N // 4], dtype=tl.uint32)
+    group = (n0 // 4 + tl.arange(0, BLOCK_N // 4))[None, :].to(tl.uint32) + zero
+    row = offs_m[:, None].to(tl.uint32) + zero
+    r0, r1, r2, r3 = tl.philox(seed, group, row, zero + bh.to(tl.uint32), zero)
+    k0 = _uniform24(r0) >= dropout_p
+    k1 = _uniform24(r1) >= dropout_p
+    k2 = _uniform24(r2) >= dropout_p
+    k3 = _uniform24(r3) >= dropout_p
+    # key 4 g + c takes word c (interleave(a, b) puts a at the even positions, b at the odd ones)
+    keep = tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))
     if TRANSPOSED:
-        zero = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.uint32)
-        c0 = offs_n[:, None].to(tl.uint32) + zero
-        c1 = offs_m[None, :].to(tl.uint32) + zero
-    else:
-        zero = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=tl.uint32)
-        c0 = offs_n[None, :].to(tl.uint32) + zero
-        c1 = offs_m[:, None].to(tl.uint32) + zero
-    r, _, _, _ = tl.philox(seed, c0, c1, zero + bh.to(tl.uint32), zero)
-    u = (r >> 8).to(tl.float32) * (1.0 / 16777216.0)
-    return u >= dropout_p
+        keep = tl.trans(keep)
+    return keep
+
+
+@triton.jit
+def _uniform24(r):
+    """A uint32 Philox word to a float32 uniform on [0, 1) with 24 random bits (exactly representable)."""
+    return (r >> 8).to(tl.float32) * (1.0 / 16777216.0)

@@ -58,6 +58,31 @@ def test_mask_reproducible_and_seed_dependent() -> None:
     assert dropout_mask(seed, shape, 0.0).all()
 
 
+def _philox4x32(counter: tuple[int, ...], seed: int, rounds: int = 10) -> tuple[int, ...]:
+    """Philox4x32-10 (Salmon et al., 2011) in plain Python, with Triton's constants and key split."""
+    m = 0xFFFFFFFF
+    c0, c1, c2, c3 = counter
+    k0, k1 = seed & m, seed >> 32
+    for _ in range(rounds):
+        prod_b, prod_a = 0xCD9E8D57 * c2, 0xD2511F53 * c0
+        c0, c1, c2, c3 = (prod_b >> 32) ^ c1 ^ k0, prod_b & m, (prod_a >> 32) ^ c3 ^ k1, prod_a & m
+        k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+    return c0, c1, c2, c3
+
+
+def test_mask_bits_are_philox_at_the_documented_counters() -> None:
+    """Element (b, h, i, j) keeps iff word j % 4 of Philox at counter (j // 4, i, b * Hq + h, 0) under the
+    seed, as a 24-bit uniform, is >= dropout_p (kernels/primitives.py: dropout_keep)."""
+    shape, dropout_p = (2, 3, 45, 70), 0.4
+    seed = draw_seed(DEVICE)
+    keep = dropout_mask(seed, shape, dropout_p).cpu()
+    threshold = torch.tensor(dropout_p, dtype=torch.float32).item()  # the kernels compare in float32
+    gen = torch.Generator().manual_seed(0)
+    for b, h, i, j in zip(*(torch.randint(0, n, (200,), generator=gen).tolist() for n in shape)):
+        word = _philox4x32((j // 4, i, b * shape[1] + h, 0), seed.item())[j % 4]
+        assert keep[b, h, i, j].item() == ((word >> 8) / 2**24 >= threshold), (b, h, i, j)
+
+
 CASES = [
     # (hq, hkv, lq, lk, d, dv, causal, temperature, cos_scale, mask, dropout_p)
     (2, 2, 37, 37, 32, 32, False, None, None, None, 0.1),
