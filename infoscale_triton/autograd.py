@@ -18,7 +18,8 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                temperature: torch.Tensor | None, p: Problem, seed: torch.Tensor | None = None) -> torch.Tensor:
+                temperature: torch.Tensor | None, p: Problem,
+                seed: torch.Tensor | None = None) -> torch.Tensor:
         if p.dropout_p > 0 and seed is None:
             seed = draw_seed(query.device)
         unit_key, key_inv = kernel_key(key, p)

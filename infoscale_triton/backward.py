@@ -68,8 +68,8 @@ def attention_backward(
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     shared = dict(HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
-                  IS_CAUSAL=p.is_causal, COS=meta["COS"], MASK_MODE=meta["MASK_MODE"], DOT_PREC=meta["DOT_PREC"],
-                  DROPOUT=meta["DROPOUT"])
+                  IS_CAUSAL=p.is_causal, COS=meta["COS"], MASK_MODE=meta["MASK_MODE"],
+                  DOT_PREC=meta["DOT_PREC"], DROPOUT=meta["DROPOUT"])
     attention_bwd_dkdv_kernel[(triton.cdiv(p.lk, dkdv_cfg["BLOCK_N"]), p.heads_kv, p.batch)](
         q, k, v, do, lse, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, mask_t, seed,
         *qkv_strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),

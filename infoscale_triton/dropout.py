@@ -1,6 +1,6 @@
 """Attention dropout's randomness: the per-call seed, and (a debugging aid) the keep mask it gives.
 
-The kernels decide each (batch, head, row, key) element with one Philox draw keyed by a seed that the
+The kernels decide each (batch, head, row, key) element from Philox keyed by a seed that the
 caller draws from torch's default generator on the inputs' device (:func:`draw_seed`); the backward
 reuses the forward's seed, so it regenerates the same mask. To see the mask of a call::
 

@@ -206,7 +206,8 @@ def _dq_tiles(
             p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v.T, input_precision=DOT_PREC)
         if DROPOUT:
-            dp = tl.where(dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, False), dp * dropout_scale, 0.0)
+            keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, False)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
         if TEMP_GRAD:

@@ -15,7 +15,7 @@ from infoscale_triton import reference
 from infoscale_triton.autograd import FusedAttention
 from infoscale_triton.dropout import draw_seed, dropout_mask
 from infoscale_triton.forward import attention_forward
-from infoscale_triton.validation import check_inputs
+from infoscale_triton.validation import Problem, check_inputs
 
 sdpa = infoscale_triton.scaled_dot_product_attention
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -96,7 +96,8 @@ CASES = [
 
 
 def _problem_opts(case: tuple, b: int) -> tuple[dict, torch.Tensor | None]:
-    hq, hkv, lq, lk, d, dv, causal, temperature, cos_scale, mask, dropout_p = case
+    """The call's keyword arguments for a case, and its tensor temperature (requires grad) or None."""
+    hq, hkv, lq, lk, _, _, causal, temperature, cos_scale, mask, dropout_p = case
     temp = temperature
     if temperature == "tensor":
         temp = (torch.rand(b, hq, 1, device=DEVICE) * 1.5 + 0.25).requires_grad_(True)
@@ -106,14 +107,18 @@ def _problem_opts(case: tuple, b: int) -> tuple[dict, torch.Tensor | None]:
     return opts, temp if isinstance(temp, torch.Tensor) else None
 
 
+def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: dict) -> Problem:
+    return check_inputs(q, k, v, opts["attn_mask"], opts["dropout_p"], opts["is_causal"], None,
+                        opts["enable_gqa"], opts["temperature"], opts["train_len"], opts["cos_scale"], kernel=True)
+
+
 def _check_gradients(case: tuple, b: int, tol: float) -> None:
     """Output and gradients of FusedAttention (explicit seed) against autograd through the float64
     reference given the kernels' mask for that seed."""
     hq, hkv, lq, lk, d, dv = case[:6]
     q, k, v = (x.requires_grad_(True) for x in make_qkv(b, hq, hkv, lq, lk, d, dv, torch.float32))
     opts, temp = _problem_opts(case, b)
-    p = check_inputs(q, k, v, opts["attn_mask"], opts["dropout_p"], opts["is_causal"], None,
-                     opts["enable_gqa"], opts["temperature"], opts["train_len"], opts["cos_scale"], kernel=True)
+    p = _problem(q, k, v, opts)
     seed = draw_seed(DEVICE)
     out = FusedAttention.apply(q, k, v, temp, p, seed)
     dout = torch.randn_like(out)
@@ -148,15 +153,14 @@ def test_forward_in_each_dtype(case: tuple, dtype: torch.dtype) -> None:
     opts, temp = _problem_opts(case, 2)
     if temp is not None:
         opts["temperature"] = temp.detach()
-    p = check_inputs(q, k, v, opts["attn_mask"], opts["dropout_p"], opts["is_causal"], None,
-                     opts["enable_gqa"], opts["temperature"], opts["train_len"], opts["cos_scale"], kernel=True)
     seed = draw_seed(DEVICE)
-    out, lse = attention_forward(q, k, v, p, seed=seed)
+    out, lse = attention_forward(q, k, v, _problem(q, k, v, opts), seed=seed)
     keep = dropout_mask(seed, (2, hq, lq, lk), opts["dropout_p"])
     assert_matches_reference(out, q, k, v, lse=lse, dropout_mask=keep, **opts)
 
 
-def _check_expectation(b: int, h: int, lq: int, lk: int, dropout_p: float, dtype: torch.dtype, **opts) -> None:
+def _check_expectation(b: int, h: int, lq: int, lk: int, dropout_p: float, dtype: torch.dtype,
+                       **opts: object) -> None:
     """Unbiasedness over many rows: every query row is the same vector and every (batch, head) the same
     keys and values, so the B * H * Lq output rows are independent draws (each with its own mask bits)
     of a vector whose mean must be the no-dropout output o, with per-dim variance
@@ -166,9 +170,9 @@ def _check_expectation(b: int, h: int, lq: int, lk: int, dropout_p: float, dtype
     q, k, v = (x.expand(b, h, n, d).to(dtype) for x, n in ((q1, lq), (k1, lk), (v1, lk)))
     out = sdpa(q, k, v, dropout_p=dropout_p, **opts).double().reshape(-1, d)
     # P of the (one) row, from the reference with V = identity, in float64 on the inputs' rounded values
-    probs = reference.scaled_dot_product_attention(
-        q[:1, :1, :1].double(), k[:1, :1].double(), torch.eye(lk, dtype=torch.float64, device=DEVICE)[None, None],
-        **opts)[0, 0, 0]
+    identity = torch.eye(lk, dtype=torch.float64, device=DEVICE)[None, None]
+    probs = reference.scaled_dot_product_attention(q[:1, :1, :1].double(), k[:1, :1].double(), identity,
+                                                   **opts)[0, 0, 0]
     v64 = v[0, 0].double()
     mean, var = probs @ v64, dropout_p / (1 - dropout_p) * (probs**2 @ v64**2)
     n = out.shape[0]
@@ -213,7 +217,8 @@ def test_public_call_reproducible_with_recoverable_mask() -> None:
     keep = dropout_mask(draw_seed(DEVICE), (b, hq, lq, lk), opts["dropout_p"])
     leaves = [x.double().requires_grad_(True) for x in base]
     ref = reference.scaled_dot_product_attention(*leaves, dropout_mask=keep, **opts)
-    for name, g, r in zip(("out", "dq", "dk", "dv"), first, (ref, *torch.autograd.grad(ref, leaves, dout.double()))):
+    expected = (ref, *torch.autograd.grad(ref, leaves, dout.double()))
+    for name, g, r in zip(("out", "dq", "dk", "dv"), first, expected):
         err = ((g.double() - r).norm() / r.norm()).item()
         assert err < 1e-4, f"{name}: relative error {err:.2e}"
 
@@ -240,8 +245,8 @@ def test_reference_dropout() -> None:
     q, k, v = make_qkv(1, 2, 2, 64, 64, 16, 16, torch.float64)
     plain = reference.scaled_dot_product_attention(q, k, v)
     ones = torch.ones(64, 64, dtype=torch.bool, device=DEVICE)
-    torch.testing.assert_close(reference.scaled_dot_product_attention(q, k, v, dropout_p=0.2, dropout_mask=ones),
-                               plain / 0.8)
+    rescaled = reference.scaled_dot_product_attention(q, k, v, dropout_p=0.2, dropout_mask=ones)
+    torch.testing.assert_close(rescaled, plain / 0.8)
     torch.manual_seed(5)
     a = reference.scaled_dot_product_attention(q, k, v, dropout_p=0.2)
     torch.manual_seed(5)
