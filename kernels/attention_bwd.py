@@ -69,8 +69,8 @@ def _dkdv_tiles(
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head, in the transposed
-    orientation (keys as rows) so that P^T and dS^T feed the dots without a transpose."""
+    """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head. (Computing in the
+    transposed orientation, keys as rows, measured 5-20% slower on the H100: benchmarks/NOTES.md.)"""
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -78,22 +78,22 @@ def _dkdv_tiles(
         q = q_desc.load([m0, 0])
         rs = tl.load(rs_ptr + offs_m, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
-        qk_t = tl.dot(k, q.T, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        s_t = qk_t * rs[None, :]
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        qk = tl.dot(q, k.T, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        s = qk * rs[:, None]
         if MASKED:
             valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
                                        IS_CAUSAL, MASK_MODE)
             if MASK_MODE != MASK_NONE:
-                s_t = s_t + bias.T * LOG2E
-            p_t = tl.where(valid.T, tl.math.exp2(s_t - lse[None, :]), 0.0)
+                s = s + bias * LOG2E
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         else:
-            p_t = tl.math.exp2(s_t - lse[None, :])
+            p = tl.math.exp2(s - lse[:, None])
         do = do_desc.load([m0, 0])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-        dp_t = tl.dot(v, do.T, input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :]) * (rs * INV_LOG2E)[None, :]
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dv = tl.dot(p.T.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp = tl.dot(do, v.T, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None]) * (rs * INV_LOG2E)[:, None]
+        dk = tl.dot(ds.T.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -268,8 +268,13 @@ def bwd_config(block_d: int, block_dv: int, elsize: int, interpret: bool) -> tup
     if interpret:
         small = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
         return small, small
-    dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    # measured on the H100 at 16k tokens, bf16 (benchmarks/NOTES.md, backward v3)
+    if max(block_d, block_dv) <= 64:
+        dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    else:
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if elsize == 4 or max(block_d, block_dv) > 128:
         # float32 tiles and D = 256 are twice the bytes: smaller streamed blocks fit shared memory
         dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
