@@ -156,8 +156,9 @@ def _flex_parts(lq: int, lk: int, causal: bool, head_dim: int, mode: str, device
             def causal_mask(b, h, q_idx, kv_idx):
                 return kv_idx <= q_idx + (lk - lq)
 
+            # _compile: build it blockwise instead of materialising Lq x Lk booleans (16 GiB at 128k)
             block_mask = create_block_mask(causal_mask, B=None, H=None, Q_LEN=lq, KV_LEN=lk,
-                                           device=device)
+                                           device=device, _compile=lq * lk > 2**26)
         _FLEX[key] = (score_mod, block_mask)
     return _FLEX[key]
 

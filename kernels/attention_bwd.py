@@ -8,9 +8,9 @@ dZ = P * (dP - delta_i), dV = P^T dO, dK_j = sum_i a_i dZ_ij q_i, dQ_i = a_i sum
 tensor temperature dt_i = (a_i / t_i) sum_j dZ_ij (q_i . k_j). Under CosScale K is the forward's unit K
 and the epilogues apply the gradient of the L2 normalisation, dx = (dx_hat - x_hat (x_hat . dx_hat)) / ||x||.
 
-Dropout (DROPOUT) with keep mask Z (primitives.dropout_keep, the forward's bits) and r = 1/(1 - p_drop):
-O = (P * Z r) V, so dV = (P * Z r)^T dO and dZ = P * (dP * Z r - delta_i), where delta_i = rowsum(dO * O)
-still holds with the dropped O that the forward returned.
+Dropout (DROPOUT) with the 0/1 keep mask G (primitives.dropout_keep, the forward's bits) and
+r = 1/(1 - p_drop): O = (P * G r) V, so dV = (P * G r)^T dO and dZ = P * (dP * G r - delta_i), where
+delta_i = rowsum(dO * O) still holds with the dropped O that the forward returned.
 
 The pre-pass stores delta_i and rs_i per row, so the two main kernels never evaluate the temperature
 or the q norms inside their loops. Tiles wholly inside the causal triangle skip the masking work; rows
@@ -73,8 +73,8 @@ def _dkdv_tiles(
     IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head, in the transposed
-    orientation (keys as rows) so that P^T and dS^T feed the dots without a transpose."""
+    """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head. (Computing in the
+    transposed orientation, keys as rows, measured 5-20% slower on the H100: benchmarks/NOTES.md.)"""
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -82,29 +82,29 @@ def _dkdv_tiles(
         q = q_desc.load([m0, 0])
         rs = tl.load(rs_ptr + offs_m, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
-        qk_t = tl.dot(k, q.T, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
-        s_t = qk_t * rs[None, :]
+        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        qk = tl.dot(q, k.T, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        s = qk * rs[:, None]
         if MASKED:
             valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
                                        IS_CAUSAL, MASK_MODE)
             if MASK_MODE != MASK_NONE:
-                s_t = s_t + bias.T * LOG2E
-            p_t = tl.where(valid.T, tl.math.exp2(s_t - lse[None, :]), 0.0)
+                s = s + bias * LOG2E
+            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         else:
-            p_t = tl.math.exp2(s_t - lse[None, :])
+            p = tl.math.exp2(s - lse[:, None])
         do = do_desc.load([m0, 0])
         if DROPOUT:
-            # the (j, i) element gets the forward's (i, j) bit; dV's 1 / (1 - p) comes in the epilogue
-            keep_t = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, True)
-            dv = tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
+            # the forward's bits; dV's 1 / (1 - p) comes once, in the epilogue
+            keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N)
+            dv = tl.dot(tl.where(keep, p, 0.0).T.to(do.dtype), do, dv, input_precision=DOT_PREC)
         else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-        dp_t = tl.dot(v, do.T, input_precision=DOT_PREC)
+            dv = tl.dot(p.T.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp = tl.dot(do, v.T, input_precision=DOT_PREC)
         if DROPOUT:
-            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
-        ds_t = p_t * (dp_t - delta[None, :]) * (rs * INV_LOG2E)[None, :]
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None]) * (rs * INV_LOG2E)[:, None]
+        dk = tl.dot(ds.T.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -206,7 +206,7 @@ def _dq_tiles(
             p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, v.T, input_precision=DOT_PREC)
         if DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, False)
+            keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
@@ -297,8 +297,13 @@ def bwd_config(block_d: int, block_dv: int, elsize: int, interpret: bool) -> tup
     if interpret:
         small = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
         return small, small
-    dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    # measured on the H100 at 16k tokens, bf16 (benchmarks/NOTES.md, backward v3)
+    if max(block_d, block_dv) <= 64:
+        dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
+        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    else:
+        dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+        dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     if elsize == 4 or max(block_d, block_dv) > 128:
         # float32 tiles and D = 256 are twice the bytes: smaller streamed blocks fit shared memory
         dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)

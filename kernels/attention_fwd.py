@@ -61,7 +61,7 @@ def _fwd_tiles(
         acc = acc * alpha[:, None]
         if DROPOUT:
             # after the row sum: l_i normalises the undropped p (1 / (1 - dropout_p) comes in the epilogue)
-            p = tl.where(dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N, False), p, 0.0)
+            p = tl.where(dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
         v = v_desc.load([start_n, 0])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new

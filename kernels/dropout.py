@@ -19,6 +19,6 @@ def dropout_mask_kernel(
     rows = Keep + (bh * Lq + offs_m[:, None]) * Lk
     for n0 in range(0, Lk, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N, False)
+        keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N)
         tl.store(rows + offs_n[None, :], keep.to(tl.uint8),
                  mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))

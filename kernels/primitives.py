@@ -72,15 +72,14 @@ def key_validity(
 
 
 @triton.jit
-def dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Attention dropout's keep mask for rows ``offs_m`` and keys ``n0 .. n0 + BLOCK_N`` (n0 a multiple
-    of 4) of the (batch, query head) ``bh = b * Hq + h``: shape (rows, keys), or (keys, rows) with
-    TRANSPOSED (the dK/dV kernel's tiles).
+def dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N: tl.constexpr):
+    """Attention dropout's keep mask, (rows, keys), for rows ``offs_m`` and keys ``n0 .. n0 + BLOCK_N``
+    (n0 a multiple of 4) of the (batch, query head) ``bh = b * Hq + h``.
 
     One Philox call at the 4 x 32-bit counter (j // 4, i, bh, 0) under the call's 64-bit ``seed`` gives
     four words, one for each of the keys 4 (j // 4) .. + 3 of row i: a quarter of the integer work and
-    registers of a call per element, and the bits do not depend on the tile shape or orientation, so
-    every kernel regenerates the same mask. Separate counters for key, row and head cannot wrap at any
+    registers of a call per element, and the bits do not depend on the tile shape, so every kernel
+    regenerates the same mask. Separate counters for key, row and head cannot wrap at any
     size (a flattened index would at 2**32). Keep iff u >= dropout_p with u uniform on the 2**-24 grid
     (exact in float32): P(keep) = 1 - dropout_p to within 6e-8."""
     zero = tl.zeros([offs_m.shape[0], BLOCK_N // 4], dtype=tl.uint32)
@@ -92,10 +91,7 @@ def dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N: tl.constexpr, TRANSPO
     k2 = _uniform24(r2) >= dropout_p
     k3 = _uniform24(r3) >= dropout_p
     # key 4 g + c takes word c (interleave(a, b) puts a at the even positions, b at the odd ones)
-    keep = tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))
-    if TRANSPOSED:
-        keep = tl.trans(keep)
-    return keep
+    return tl.interleave(tl.interleave(k0, k2), tl.interleave(k1, k3))
 
 
 @triton.jit
