@@ -183,7 +183,8 @@ def attention_forward(
         grid = lambda c: (triton.cdiv(p.lq, c["BLOCK_M"]), p.heads_q, p.batch)  # noqa: E731
         attention_fwd_autotuned[grid](*args, **meta)
     else:
-        cfg = CONFIG_OVERRIDE or fwd_config(block_d, block_dv, p.lk, q.element_size(), interpret)
+        cfg = CONFIG_OVERRIDE or fwd_config(block_d, block_dv, p.lk, q.element_size(), interpret,
+                                            dropout=p.dropout_p > 0)
         grid = (triton.cdiv(p.lq, cfg["BLOCK_M"]), p.heads_q, p.batch)
         attention_fwd_kernel[grid](*args, **meta, **cfg)
     return out, lse
