@@ -1,7 +1,7 @@
 """Compile the attention kernels for the H100 (sm_90) on any machine, no GPU needed, and print what
 ptxas reports per kernel: registers, spills, serialised wgmma (a tuning aid, not a timing).
 
-Usage: python benchmarks/ptxas_report.py [--dropout] [--d 64 128] [--dtype bf16 fp16]
+Usage: python benchmarks/ptxas_report.py [--dropout] [--d 64 128] [--dtype bf16 fp16] [--lk 4096]
 Uses the default launch configs (kernels/attention_fwd.py: fwd_config, attention_bwd.py: bwd_config),
 causal InfoScale without attn_mask. Needs TRITON_INTERPRET unset.
 """
@@ -16,13 +16,17 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 
-from infoscale_triton.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, bwd_config
+from infoscale_triton.kernels.attention_bwd import (
+    attention_bwd_dkdv_kernel,
+    attention_bwd_dq_kernel,
+    bwd_config,
+)
 from infoscale_triton.kernels.attention_fwd import attention_fwd_kernel, fwd_config
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 FLOATS = {"scale_log2", "temp_a", "temp_b", "dropout_p", "dropout_scale", "scale"}
-POINTERS = {"Count": "*i32", "Seed": "*i64", "Lse": "*fp32", "Temp": "*fp32", "Mask": "*fp32", "Delta": "*fp32",
-            "RowScale": "*fp32", "KInv": "*fp32", "DT": "*fp32"}
+POINTERS = {"Count": "*i32", "Seed": "*i64", "Lse": "*fp32", "Temp": "*fp32", "Mask": "*fp32",
+            "Delta": "*fp32", "RowScale": "*fp32", "KInv": "*fp32", "DT": "*fp32"}
 
 
 def arg_type(name: str, dtype: str) -> str:
