@@ -23,15 +23,19 @@ def _broadcast_shape(draw: st.DrawFn, full: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @st.composite
-def problems(draw: st.DrawFn) -> dict[str, Any]:
-    hkv, group, b = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 4])), draw(st.integers(1, 2))
-    hq, lq, lk = hkv * group, draw(st.integers(1, MAX_LEN)), draw(st.integers(1, MAX_LEN))
-    d = draw(st.integers(16, 128))
+def problems(draw: st.DrawFn, max_len: int = MAX_LEN, max_dim: int = 128, max_heads_kv: int = 2,
+             groups: tuple[int, ...] = (1, 2, 3, 4)) -> dict[str, Any]:
+    """One random configuration (shared with the gradient property test in test_backward.py, which
+    narrows the sizes through the arguments)."""
+    hkv, group, b = draw(st.integers(1, max_heads_kv)), draw(st.sampled_from(groups)), draw(st.integers(1, 2))
+    hq, lq, lk = hkv * group, draw(st.integers(1, max_len)), draw(st.integers(1, max_len))
+    d = draw(st.integers(16, max_dim))
     cos_scale = draw(st.sampled_from([None, None, 8.0, 32.0, 128.0]))
     temperature = draw(st.sampled_from([None, *STRING_TEMPERATURES, "tensor"]))
     mask = draw(st.sampled_from([None, "bool", "float"]))
     return {
-        "b": b, "hq": hq, "hkv": hkv, "lq": lq, "lk": lk, "d": d, "dv": draw(st.one_of(st.just(d), st.integers(16, 128))),
+        "b": b, "hq": hq, "hkv": hkv, "lq": lq, "lk": lk, "d": d,
+        "dv": draw(st.one_of(st.just(d), st.integers(16, max_dim))),
         "dtype": draw(st.sampled_from(DTYPES)), "std": draw(st.floats(1.0, 3.0)),
         "layout": tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3)),
         "is_causal": draw(st.booleans()), "enable_gqa": group > 1 or draw(st.booleans()), "cos_scale": cos_scale,
@@ -45,9 +49,9 @@ def problems(draw: st.DrawFn) -> dict[str, Any]:
     }
 
 
-@given(cfg=problems())
-def test_random_problems_match_reference(cfg: dict[str, Any]) -> None:
-    gen = torch.Generator().manual_seed(cfg["seed"])
+def build_problem(cfg: dict[str, Any],
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """query, key, value and the keyword arguments of a configuration drawn by :func:`problems`."""
     q, k, v = make_qkv(cfg["b"], cfg["hq"], cfg["hkv"], cfg["lq"], cfg["lk"], cfg["d"], cfg["dv"],
                        cfg["dtype"], std=cfg["std"], layout=cfg["layout"], generator=gen)
     opts: dict[str, Any] = {key: cfg[key] for key in ("is_causal", "enable_gqa", "cos_scale", "scale")}
@@ -59,4 +63,10 @@ def test_random_problems_match_reference(cfg: dict[str, Any]) -> None:
         allowed = torch.rand(cfg["mask_shape"], generator=gen) < cfg["mask_density"]
         bias = torch.randn(cfg["mask_shape"], generator=gen).masked_fill(~allowed, float("-inf"))
         opts["attn_mask"] = (bias if cfg["mask"] == "float" else allowed).to(DEVICE)
+    return q, k, v, opts
+
+
+@given(cfg=problems())
+def test_random_problems_match_reference(cfg: dict[str, Any]) -> None:
+    q, k, v, opts = build_problem(cfg, torch.Generator().manual_seed(cfg["seed"]))
     check_fused(q, k, v, **opts)
