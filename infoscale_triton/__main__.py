@@ -1,7 +1,7 @@
 """``python -m infoscale_triton`` (or ``infoscale-triton``): check the kernels, then a short speed table.
 
-    check   the fused kernels against the float64 reference on a handful of configurations; exit
-            code 1 on any failure
+    check   the fused kernels against the float64 reference on a handful of configurations, the
+            output and the gradients of q, k, v; exit code 1 on any failure
     bench   ours against torch SDPA (cuDNN, Flash) and flex_attention at one shape, on a GPU
     (none)  check, then bench
 
@@ -135,13 +135,25 @@ def run_check(dtype_names: Sequence[str] | None = None) -> int:
         forward.AUTOTUNE = autotune
 
 
+def _with_grads(fn, q, k, v, kw: dict, gen):
+    """fn's output and its gradients w.r.t. q, k, v for a random upstream gradient (the same draw for
+    every fn called with inputs of one shape: the generator is re-seeded from the shape)."""
+    import torch
+
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out = fn(*leaves, **kw)
+    seed = torch.Generator().manual_seed(hash(tuple(out.shape)) % 2**31)
+    dout = torch.randn(out.shape, generator=seed).to(device=out.device, dtype=out.dtype)
+    return out.detach(), torch.autograd.grad(out, leaves, dout)
+
+
 def _check_cases(gpu: bool, device: str, dtypes: list) -> int:
     import torch
 
     from infoscale_triton import peers, reference, scaled_dot_product_attention
 
     where = f"GPU {torch.cuda.get_device_name(0)}" if gpu else "Triton interpreter on CPU"
-    print(f"check: fused kernels vs the float64 reference ({where}); "
+    print(f"check: fused kernels vs the float64 reference ({where}), output and gradients of q, k, v; "
           "budget = 2 x error of PyTorch in the same dtype + floor", flush=True)
     gen = torch.Generator().manual_seed(1234)
     rows, failed = [], 0
@@ -150,23 +162,30 @@ def _check_cases(gpu: bool, device: str, dtypes: list) -> int:
             t0 = time.perf_counter()
             q, k, v, kw = _inputs(c, dtype, device, gen)
             try:
-                out = scaled_dot_product_attention(q, k, v, **kw)
-                ref = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                             **_cast(kw, torch.float64))
-                low = reference.scaled_dot_product_attention(q, k, v, **_cast(kw, dtype))
+                out, grads = _with_grads(scaled_dot_product_attention, q, k, v, kw, gen)
+                ref, ref_grads = _with_grads(reference.scaled_dot_product_attention, q.double(), k.double(),
+                                             v.double(), _cast(kw, torch.float64), gen)
+                low, low_grads = _with_grads(reference.scaled_dot_product_attention, q, k, v,
+                                             _cast(kw, dtype), gen)
                 err, base = peers.rel_err(out, ref), peers.rel_err(low, ref)
-                tol = peers.tolerance(base, dtype)
-                ok = peers.passes(err, tol)
-                cells = [f"{err:.1e}", f"{base:.1e}", f"{tol:.1e}", "ok" if ok else "FAIL"]
+                ok = peers.passes(err, peers.tolerance(base, dtype))
+                # gradients of q, k, v: the worst of the three, each against its own budget
+                g_err = g_base = 0.0
+                for g, r, lo in zip(grads, ref_grads, low_grads):
+                    e, e_low = peers.rel_err(g, r), peers.rel_err(lo, r)
+                    ok &= peers.passes(e, peers.tolerance(e_low, dtype))
+                    g_err, g_base = max(g_err, e), max(g_base, e_low)
+                cells = [f"{err:.1e}", f"{base:.1e}", f"{g_err:.1e}", f"{g_base:.1e}", "ok" if ok else "FAIL"]
             except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
                 ok = False
-                cells = ["-", "-", "-", f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"]
+                cells = ["-", "-", "-", "-", f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"]
             failed += not ok
             shape = f"{c.b}x{c.hq}/{c.hkv}x{c.lq}x{c.lk}x{c.d}" + (f"/{c.dv}" if c.dv else "")
             rows.append([c.name, str(dtype).removeprefix("torch."), shape, *cells])
             print(f"  {c.name} {rows[-1][1]}: {cells[-1]} [{time.perf_counter() - t0:.1f} s]", flush=True)
     print()
-    headers = ["case", "dtype", "B x Hq/Hkv x Lq x Lk x D", "rel err", "torch err", "tol", "result"]
+    headers = ["case", "dtype", "B x Hq/Hkv x Lq x Lk x D", "out err", "torch out err", "grad err",
+               "torch grad err", "result"]
     print(peers.format_table(headers, rows))
     print(f"\ncheck: {len(rows) - failed}/{len(rows)} passed" + (f", {failed} FAILED" if failed else ""),
           flush=True)
