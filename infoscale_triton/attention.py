@@ -77,9 +77,10 @@ def scaled_dot_product_attention(
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True)
-    needs_grad = torch.is_grad_enabled() and any(
+    grad_mode = torch.is_grad_enabled()
+    needs_grad = grad_mode and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (query, key, value, temperature))
-    if torch.is_grad_enabled() and attn_mask is not None and attn_mask.requires_grad:
+    if grad_mode and attn_mask is not None and attn_mask.requires_grad:
         # a learned additive bias would silently get no gradient
         raise NotImplementedError("attn_mask requires grad: gradients for the mask are not supported; "
                                   "pass attn_mask.detach() or use infoscale_triton.reference")
