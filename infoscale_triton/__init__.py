@@ -3,6 +3,7 @@
 from . import reference
 from .attention import scaled_dot_product_attention
 from .temperature import TEMPERATURE_CHOICES
+from .varlen import varlen_attention
 
-__all__ = ["scaled_dot_product_attention", "reference", "TEMPERATURE_CHOICES"]
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "reference", "TEMPERATURE_CHOICES"]
 __version__ = "0.1.0"

@@ -25,6 +25,8 @@ def scaled_dot_product_attention(
     temperature: str | torch.Tensor | None = None,
     train_len: int | None = None,
     cos_scale: float | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     r"""Fused attention with an optional per-row logit temperature and cosine (CosScale) logits.
 
@@ -64,10 +66,26 @@ def scaled_dot_product_attention(
         temperature: None; ``"infoscale"``: ``t_i = sqrt((1 - n_i^(-2/D)) / (1 - N^(-2/D)))``;
             ``"logn"``: ``t_i = ln(n_i) / ln(N)``; ``"infoscale_clipped"`` / ``"logn_clipped"``:
             ``max(1, t_i)``; or a float tensor of per-row multipliers broadcastable to (B, Hq, Lq).
-            ``n_i`` is the number of keys row i may attend to after causal masking and attn_mask.
+            ``n_i`` is the number of keys row i may attend to after causal masking, the window,
+            key padding and attn_mask.
         train_len: ``N``, the training length (int >= 2); required by the string temperatures.
         cos_scale: ``s`` for CosScale: q and k rows are L2-normalised inside the kernel and the logit is
             ``t_i * s * cos(q_i, k_j)``. A zero row has zero cosines.
+        kv_lengths: key padding, an int32/int64 tensor ``(B,)``: batch entry b attends to keys
+            ``j < kv_lengths[b]`` only (values are clamped to [0, Lk] on the device, never read on the
+            host). Key tiles past the length are skipped, not masked. A boolean ``attn_mask`` that is
+            the same for every head and query row (shape ``(B, 1, 1, Lk)``, Hugging Face's padding
+            mask) takes the same path: the tiles outside its first..last True key are skipped and
+            ``n_i`` is counted without a ``(Lq, Lk)`` mask in memory.
+        window: sliding window ``(left, right)``, as FlashAttention's ``window_size``: query i sees keys
+            ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (-1 = unbounded on that side; combined
+            with ``is_causal`` the right bound is the diagonal). Key tiles outside are skipped::
+
+                Lq=Lk=5, window=(2, 0):   1 0 0 0 0
+                                          1 1 0 0 0
+                                          1 1 1 0 0
+                                          0 1 1 1 0
+                                          0 0 1 1 1
 
     Raises:
         ValueError / TypeError naming the argument for bad input.
@@ -76,7 +94,7 @@ def scaled_dot_product_attention(
     kernels (deterministic: no atomics, the same bits on every run).
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                     temperature, train_len, cos_scale, kernel=True)
+                     temperature, train_len, cos_scale, kernel=True, kv_lengths=kv_lengths, window=window)
     grad_mode = torch.is_grad_enabled()
     needs_grad = grad_mode and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (query, key, value, temperature))

@@ -48,38 +48,46 @@ def attention_backward(
     seed, dropout_p, dropout_scale = dropout_args(p, seed, delta)
     temp_t, count_t, mask_t = opt.pointers
     block_m = 64
-    attention_bwd_prep_kernel[(triton.cdiv(p.lq, block_m), p.heads_q, p.batch)](
-        out, do, q, delta, row_scale, temp_t, count_t,
+    attention_bwd_prep_kernel[(triton.cdiv(p.rows, block_m), p.heads_q, p.sequences)](
+        out, do, q, delta, row_scale, temp_t, count_t, *opt.extent,
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         q.stride(0), q.stride(1), q.stride(2), *opt.strides[:6],
-        p.heads_q, p.lq, p.lk, p.scale * LOG2E, opt.temp_a, opt.temp_b,
+        p.heads_q, p.lq, p.lk, p.scale * LOG2E, opt.temp_a, opt.temp_b, *opt.window,
         HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
         IS_CAUSAL=p.is_causal, TEMP_MODE=meta["TEMP_MODE"], CLIP=meta["CLIP"], HAS_COUNT=meta["HAS_COUNT"],
-        COS=meta["COS"], BLOCK_M=block_m,
+        COS=meta["COS"], VARLEN=meta["VARLEN"], HAS_KV_RANGE=meta["HAS_KV_RANGE"], WINDOW=meta["WINDOW"],
+        BLOCK_M=block_m,
     )
     temperature = p.temperature_tensor
     dq = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim, dtype=q.dtype, device=device)
     dk = torch.empty(p.batch, p.heads_kv, p.lk, p.head_dim, dtype=q.dtype, device=device)
     dv = torch.empty(p.batch, p.heads_kv, p.lk, p.head_dim_v, dtype=q.dtype, device=device)
+    if p.varlen:
+        # tokens of no sequence (past cu_seqlens[-1]) get no program: their gradient is zero
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
     temp_grad = temperature is not None and temperature.requires_grad
     dt = torch.empty_like(delta) if temp_grad else delta
     dkdv_cfg, dq_cfg = CONFIG_OVERRIDE or bwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(),
                                                      interpreter_active())
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    shared = dict(HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v, BLOCK_D=meta["BLOCK_D"], BLOCK_DV=meta["BLOCK_DV"],
-                  IS_CAUSAL=p.is_causal, COS=meta["COS"], MASK_MODE=meta["MASK_MODE"],
-                  DOT_PREC=meta["DOT_PREC"], DROPOUT=meta["DROPOUT"])
-    attention_bwd_dkdv_kernel[(triton.cdiv(p.lk, dkdv_cfg["BLOCK_N"]), p.heads_kv, p.batch)](
-        q, k, v, do, lse, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, mask_t, seed,
+    shared = {name: meta[name] for name in ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "COS",
+                                            "MASK_MODE", "DOT_PREC", "DROPOUT", "VARLEN", "HAS_KV_RANGE",
+                                            "WINDOW")}
+    attention_bwd_dkdv_kernel[(triton.cdiv(p.keys, dkdv_cfg["BLOCK_N"]), p.heads_kv, p.sequences)](
+        q, k, v, do, lse[0], lse[-1], delta, row_scale, dk, dv, key_inv if key_inv is not None else delta,
+        mask_t, seed, *opt.extent,
         *qkv_strides, dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, dropout_p, dropout_scale, **shared, **dkdv_cfg,
+        *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, dropout_p, dropout_scale, *opt.window,
+        **shared, **dkdv_cfg,
     )
-    attention_bwd_dq_kernel[(triton.cdiv(p.lq, dq_cfg["BLOCK_M"]), p.heads_q, p.batch)](
-        q, k, v, do, lse, delta, row_scale, dq, dt, mask_t, seed,
+    attention_bwd_dq_kernel[(triton.cdiv(p.rows, dq_cfg["BLOCK_M"]), p.heads_q, p.sequences)](
+        q, k, v, do, lse[0], lse[-1], delta, row_scale, dq, dt, mask_t, seed, *opt.extent,
         *qkv_strides, dq.stride(0), dq.stride(1), dq.stride(2), *opt.strides[6:],
-        p.heads_q, p.lq, p.lk, p.group, p.scale, dropout_p, dropout_scale, **shared, TEMP_GRAD=temp_grad,
-        **dq_cfg,
+        p.heads_q, p.lq, p.lk, p.group, p.scale, dropout_p, dropout_scale, *opt.window, **shared,
+        TEMP_GRAD=temp_grad, **dq_cfg,
     )
     if not temp_grad:
         return dq, dk, dv, None

@@ -84,18 +84,73 @@ def _broadcast_strides(t: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, ..
 @dataclass
 class LaunchOptions:
     """What the forward and backward kernels share: the per-row temperature and mask operands (with
-    (B, Hq, Lq[, Lk]) broadcast strides) and the constexpr options."""
+    (B, Hq, Lq[, Lk]) broadcast strides), where each sequence lives, and the constexpr options."""
 
     pointers: tuple  # Temp, Count, Mask
     strides: tuple  # their 3 + 3 + 4 strides
+    extent: tuple  # CuQ, CuK, KvRange
     temp_a: float
     temp_b: float
+    window: tuple[int, int]  # win_left, win_right (a bound that never binds for -1)
     meta: dict
+
+
+def _key_only(mask: torch.Tensor, p: Problem) -> bool:
+    """A boolean mask that is the same for every head and query row: key padding, (B, 1, 1, Lk)."""
+    if mask.dtype != torch.bool:
+        return False
+    return _broadcast_strides(mask, (p.batch, p.heads_q, p.lq, p.lk))[1:3] == (0, 0)
+
+
+def _row_key_bounds(p: Problem, kv_lo: torch.Tensor, kv_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[lo_i, hi_i) of primitives.visible_keys for every row, (B, Lq) int64, from (B, 1) key ranges."""
+    diag = torch.arange(p.lq, device=kv_lo.device)[None, :] + (p.lk - p.lq)
+    lo, hi = kv_lo.expand(-1, p.lq), kv_hi.expand(-1, p.lq)
+    if p.is_causal:
+        hi = torch.minimum(hi, diag + 1)
+    if p.window is not None:
+        left, right = p.window
+        if left >= 0:
+            lo = torch.maximum(lo, diag - left)
+        if right >= 0:
+            hi = torch.minimum(hi, diag + right + 1)
+    return lo, hi
+
+
+def _key_padding(p: Problem, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Key padding as the kernels take it: (B, 2) int32 ranges [first, end) of the keys that may be
+    seen (from kv_lengths and/or a key-only boolean mask: tiles outside are skipped), and, when a
+    string temperature needs n_i under a key-only mask, its counts (B, Lq) from a prefix sum over the
+    keys, without a (Lq, Lk) mask in memory. Both None when neither is given."""
+    mask = p.attn_mask if p.attn_mask is not None and _key_only(p.attn_mask, p) else None
+    if p.kv_lengths is None and mask is None:
+        return None, None
+    b = p.batch
+    lo = torch.zeros(b, 1, dtype=torch.int64, device=device)
+    hi = torch.full((b, 1), p.lk, dtype=torch.int64, device=device)
+    if p.kv_lengths is not None:
+        hi = p.kv_lengths.to(torch.int64).clamp(0, p.lk).view(b, 1)
+    counts = None
+    if mask is not None:
+        keys = mask.expand(b, 1, 1, p.lk).reshape(b, p.lk)
+        some = keys.any(-1, keepdim=True)
+        first = keys.to(torch.uint8).argmax(-1, keepdim=True)
+        end = p.lk - keys.flip(-1).to(torch.uint8).argmax(-1, keepdim=True)
+        lo = torch.where(some, torch.maximum(lo, first), hi)
+        hi = torch.where(some, torch.minimum(hi, end), hi)
+        if p.temperature is not None:
+            prefix = torch.nn.functional.pad(keys.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+            row_lo, row_hi = _row_key_bounds(p, lo, hi)
+            row_lo = row_lo.clamp(0, p.lk)
+            row_hi = torch.maximum(row_hi.clamp(0, p.lk), row_lo)
+            counts = (prefix.gather(1, row_hi) - prefix.gather(1, row_lo)).to(torch.int32)
+    return torch.cat([lo, hi], 1).to(torch.int32), counts
 
 
 def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> LaunchOptions:
     """``dummy`` stands in for pointer arguments whose feature is off."""
     device, attn_mask, temperature = dummy.device, p.attn_mask, p.temperature_tensor
+    kv_range, key_counts = _key_padding(p, device) if not p.varlen else (None, None)
     # per-row temperature: its kind, the tensor or the counts n_i when a mask decides them
     temp_mode, clip, temp_t, count_t = MODE_NONE, False, dummy, dummy
     temp_strides = count_strides = (0, 0, 0)
@@ -104,8 +159,12 @@ def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> Launc
         temp_strides = _broadcast_strides(temperature, (p.batch, p.heads_q, p.lq))
     elif p.temperature is not None:
         temp_mode, clip = p.temperature.mode, p.temperature.clipped
-        if attn_mask is not None:
-            count_t = allowed_keys(attn_mask, p.is_causal, p.lq, p.lk, device).sum(-1, dtype=torch.int32)
+        if key_counts is not None:
+            count_t = key_counts.view(p.batch, 1, p.lq)
+        elif attn_mask is not None:
+            count_t = allowed_keys(attn_mask, p.is_causal, p.lq, p.lk, device, window=p.window,
+                                   kv_lengths=p.kv_lengths).sum(-1, dtype=torch.int32)
+        if count_t is not dummy:
             count_strides = _broadcast_strides(count_t, (p.batch, p.heads_q, p.lq))
     temp_a, temp_b = kernel_constants(p.temperature, p.train_len, p.head_dim)
 
@@ -115,6 +174,16 @@ def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> Launc
         mask_t = attn_mask.view(torch.uint8) if mask_mode == 1 else attn_mask
         mask_strides = _broadcast_strides(mask_t, (p.batch, p.heads_q, p.lq, p.lk))
 
+    extent = (dummy, dummy, dummy)
+    if p.varlen:
+        extent = (p.cu_seqlens_q, p.cu_seqlens_k, dummy)
+    elif kv_range is not None:
+        extent = (dummy, dummy, kv_range)
+    # a window bound of -1 becomes one no row can reach
+    unbounded = p.lq + p.lk + 1
+    left, right = p.window if p.window is not None else (-1, -1)
+    window = (left if left >= 0 else unbounded, right if right >= 0 else unbounded)
+
     # float32 dots: exact IEEE unless the user allowed TF32 for matmuls
     dot_prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
     meta = dict(
@@ -123,9 +192,10 @@ def launch_options(p: Problem, dtype: torch.dtype, dummy: torch.Tensor) -> Launc
         BLOCK_DV=max(triton.next_power_of_2(p.head_dim_v), 16),
         IS_CAUSAL=p.is_causal, TEMP_MODE=temp_mode, CLIP=clip, HAS_COUNT=count_t is not dummy,
         COS=p.cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec, DROPOUT=p.dropout_p > 0,
+        VARLEN=p.varlen, HAS_KV_RANGE=kv_range is not None, WINDOW=p.window is not None,
     )
     return LaunchOptions((temp_t, count_t, mask_t), (*temp_strides, *count_strides, *mask_strides),
-                         temp_a, temp_b, meta)
+                         extent, temp_a, temp_b, window, meta)
 
 
 def dropout_args(p: Problem, seed: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
@@ -150,9 +220,11 @@ def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None,
     unit_key: torch.Tensor | None = None, seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the per-row
-    log-sum-exp in base 2, (B, Hq, Lq) float32 (+inf for rows that see no key). ``out``, if given, is
-    written in place (tests pass a NaN-poisoned one to catch unwritten elements). Under CosScale,
+    """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the row
+    statistics the backward needs, float32: the log-sum-exp in base 2 as (1, B, Hq, Lq) (+inf for rows
+    that see no key), or under an additive mask (2, B, Hq, Lq), the row max and log2 of the row sum.
+    ``out``, if given, is written in place (tests pass a NaN-poisoned one to catch unwritten elements).
+    Under CosScale,
     ``unit_key`` is kernel_key's result if the caller already has it (the autograd forward keeps it for
     the backward). With ``p.dropout_p > 0``, ``seed`` (dropout.draw_seed) picks the dropout mask; the
     log-sum-exp is that of the undropped probabilities."""
@@ -163,28 +235,34 @@ def attention_forward(
     device = q.device
     if out is None:
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
-    lse = torch.empty(p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
+        if p.varlen:
+            # token-major like the packed inputs; tokens of no sequence (past cu_seqlens_q[-1]) get zeros
+            out = torch.zeros(p.batch, p.lq, p.heads_q, p.head_dim_v, dtype=q.dtype, device=device).transpose(1, 2)
+    # row statistics for the backward: the log-sum-exp in base 2 (B, Hq, Lq); under an additive mask
+    # two planes, the row max and log2 of the row sum (kernels/attention_fwd.py: why)
+    planes = 2 if p.attn_mask is not None and p.attn_mask.dtype != torch.bool else 1
+    lse = torch.empty(planes, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
     opt = launch_options(p, q.dtype, lse)
     seed, dropout_p, dropout_scale = dropout_args(p, seed, lse)
     args = (
-        q, k, v, out, lse, *opt.pointers, seed,
+        q, k, v, out, lse[0], lse[-1], *opt.pointers, seed, *opt.extent,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *opt.strides,
         p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b, dropout_p, dropout_scale,
-        _bucket(p.lq), _bucket(p.lk),
+        *opt.window, _bucket(p.rows), _bucket(p.keys),
     )
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0)
     block_d, block_dv = meta["BLOCK_D"], meta["BLOCK_DV"]
     interpret = interpreter_active()
     if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None:
-        grid = lambda c: (triton.cdiv(p.lq, c["BLOCK_M"]), p.heads_q, p.batch)  # noqa: E731
+        grid = lambda c: (triton.cdiv(p.rows, c["BLOCK_M"]), p.heads_q, p.sequences)  # noqa: E731
         attention_fwd_autotuned[grid](*args, **meta)
     else:
-        cfg = CONFIG_OVERRIDE or fwd_config(block_d, block_dv, p.lk, q.element_size(), interpret,
+        cfg = CONFIG_OVERRIDE or fwd_config(block_d, block_dv, p.keys, q.element_size(), interpret,
                                             dropout=p.dropout_p > 0)
-        grid = (triton.cdiv(p.lq, cfg["BLOCK_M"]), p.heads_q, p.batch)
+        grid = (triton.cdiv(p.rows, cfg["BLOCK_M"]), p.heads_q, p.sequences)
         attention_fwd_kernel[grid](*args, **meta, **cfg)
     return out, lse

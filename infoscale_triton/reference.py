@@ -15,16 +15,29 @@ __all__ = ["scaled_dot_product_attention", "allowed_keys"]
 
 
 def allowed_keys(
-    attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device
+    attn_mask: torch.Tensor | None, is_causal: bool, lq: int, lk: int, device: torch.device,
+    *, window: tuple[int, int] | None = None, kv_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean ``(..., Lq, Lk)``: True where query i may attend to key j.
 
-    Causal is bottom-right aligned: query i sees keys ``j <= i + lk - lq``. A float mask forbids the
-    keys whose bias is ``-inf``.
+    Causal and the window are bottom-right aligned: query i sees keys ``j <= i + lk - lq`` (causal)
+    and ``i + lk - lq - left <= j <= i + lk - lq + right`` (window, -1 = no bound). ``kv_lengths``
+    (B,) keeps keys ``j < kv_lengths[b]`` (clamped to [0, lk]). A float mask forbids the keys whose
+    bias is ``-inf``.
     """
+    i = torch.arange(lq, device=device)[:, None] + (lk - lq)  # the diagonal's key for each row
+    j = torch.arange(lk, device=device)[None, :]
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)
     if is_causal:
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+        allowed = allowed & (j <= i)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed = allowed & (j >= i - left)
+        if right >= 0:
+            allowed = allowed & (j <= i + right)
+    if kv_lengths is not None:
+        allowed = allowed & (j < kv_lengths.clamp(0, lk).view(-1, 1, 1, 1))
     if attn_mask is not None:
         mask_allowed = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
         allowed = allowed & mask_allowed
@@ -61,6 +74,8 @@ def scaled_dot_product_attention(
     temperature: str | torch.Tensor | None = None,
     train_len: int | None = None,
     cos_scale: float | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
     dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference attention: ``softmax(t_i * c * q_i.k_j + bias_ij) @ v`` over the allowed keys.
@@ -74,7 +89,7 @@ def scaled_dot_product_attention(
     from torch's generator (torch's semantics, not the kernels' bits).
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                     temperature, train_len, cos_scale, kernel=False)
+                     temperature, train_len, cos_scale, kernel=False, kv_lengths=kv_lengths, window=window)
     shape = (p.batch, p.heads_q, p.lq, p.lk)
     if dropout_mask is not None:
         _check_dropout_mask(dropout_mask, shape, query.device)
@@ -86,7 +101,7 @@ def scaled_dot_product_attention(
         q, k = _unit_rows(q), _unit_rows(k)
     logits = p.scale * (q @ k.transpose(-2, -1))  # (B, Hq, Lq, Lk)
 
-    allowed = allowed_keys(attn_mask, is_causal, p.lq, p.lk, q.device)
+    allowed = allowed_keys(attn_mask, is_causal, p.lq, p.lk, q.device, window=p.window, kv_lengths=kv_lengths)
     allowed = allowed.expand(logits.shape)
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(logits.dtype).expand(p.batch, p.heads_q, p.lq)

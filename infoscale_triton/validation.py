@@ -39,10 +39,35 @@ class Problem:
     attn_mask: torch.Tensor | None
     is_causal: bool
     dropout_p: float = 0.0
+    kv_lengths: torch.Tensor | None = None  # (B,) valid keys per batch entry: keys [0, len_b)
+    window: tuple[int, int] | None = None  # (left, right) around the bottom-right diagonal, -1 = no bound
+    # packed variable-length batches (varlen.py): the 4-d views have one batch entry and these offsets
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
 
     @property
     def group(self) -> int:
         return self.heads_q // self.heads_kv
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    @property
+    def sequences(self) -> int:
+        """Programs along the grid's batch axis: packed sequences, or batch entries."""
+        return self.cu_seqlens_q.shape[0] - 1 if self.varlen else self.batch
+
+    @property
+    def rows(self) -> int:
+        """The longest sequence of queries (the grid's row axis)."""
+        return self.max_seqlen_q if self.varlen else self.lq
+
+    @property
+    def keys(self) -> int:
+        return self.max_seqlen_k if self.varlen else self.lk
 
 
 # Triton picks the interpreter or the compiler when the kernels are decorated, i.e. when this package
@@ -82,6 +107,8 @@ def check_inputs(
     cos_scale: float | None,
     *,
     kernel: bool,
+    kv_lengths: torch.Tensor | None = None,
+    window: object = None,
 ) -> Problem:
     """Validate one call; ``kernel`` adds the fused path's limits (dtypes, head dims, device)."""
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -200,6 +227,36 @@ def check_inputs(
                          "temperature='infoscale'")
 
     tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
+    window = check_window(window)
+    if kv_lengths is not None:
+        check_lengths("kv_lengths", kv_lengths, batch, query.device)
     return Problem(batch, heads_q, heads_kv, lq, lk, head_dim, head_dim_v, c, spec, tensor_temperature,
                    train_len, None if cos_scale is None else float(cos_scale), attn_mask, is_causal,
-                   float(dropout_p))
+                   float(dropout_p), kv_lengths, window)
+
+
+def check_window(window: object) -> tuple[int, int] | None:
+    """``(left, right)`` key counts around the diagonal, -1 for no bound; None or (-1, -1) = no window."""
+    if window is None:
+        return None
+    ok = (isinstance(window, (tuple, list)) and len(window) == 2
+          and all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window))
+    if not ok:
+        raise ValueError(f"window must be None or a pair (left, right) of ints >= -1 (-1 = unbounded), "
+                         f"got {window!r}")
+    left, right = int(window[0]), int(window[1])
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def check_lengths(name: str, lengths: object, count: int, device: torch.device) -> None:
+    """A per-sequence integer tensor of shape (count,) on ``device`` (its values are not read: that
+    would synchronise with the GPU)."""
+    if not isinstance(lengths, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 or int64 tensor of shape ({count},), got "
+                        f"{type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {lengths.dtype}")
+    if tuple(lengths.shape) != (count,):
+        raise ValueError(f"{name} must have shape ({count},), got {_shape(lengths)}")
+    if lengths.device != device:
+        raise ValueError(f"{name} is on {lengths.device} but query is on {device}")

@@ -21,78 +21,115 @@ zeros, so they add nothing to dQ, and their own dK/dV rows are not stored).
 import triton
 import triton.language as tl
 
-from .primitives import MASK_NONE, TEMP_NONE, dropout_keep, key_validity, row_temperature
+from .primitives import (
+    MASK_ADD,
+    MASK_NONE,
+    TEMP_NONE,
+    batch_extent,
+    dropout_keep,
+    key_blocks,
+    key_validity,
+    query_blocks,
+    row_temperature,
+    visible_keys,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 INV_LOG2E = tl.constexpr(0.6931471805599453)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])
 def attention_bwd_prep_kernel(
-    Out, DOut, Q, Delta, RowScale, Temp, Count,
+    Out, DOut, Q, Delta, RowScale, Temp, Count, CuQ, CuK, KvRange,
     stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm, stride_qb, stride_qh, stride_qm,
     stride_tb, stride_th, stride_tm, stride_cb, stride_ch, stride_cm,
-    Hq, Lq, Lk, scale_log2, temp_a, temp_b,
+    Hq, Lq, Lk, scale_log2, temp_a, temp_b, win_left, win_right,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, TEMP_MODE: tl.constexpr, CLIP: tl.constexpr, HAS_COUNT: tl.constexpr,
-    COS: tl.constexpr, BLOCK_M: tl.constexpr,
+    COS: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Delta[b, h, i] = sum_d dO * O (float32) and RowScale[b, h, i] = rs_i, computed exactly as the
     forward computes it (same operations in the same order, so p matches the saved log-sum-exp)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    row_ok = offs_m < Lq
-    rows = offs_m[:, None].to(tl.int64)
+    bq, q_start, lq, k_start, lk, kv_lo, kv_hi = batch_extent(tl.program_id(2), Lq, Lk, CuQ, CuK, KvRange,
+                                                              VARLEN, HAS_KV_RANGE)
+    q_rows = q_start.to(tl.int64)
+    row_ok = offs_m < lq
+    rows = q_rows + offs_m[:, None].to(tl.int64)
     offs_dv = tl.arange(0, BLOCK_DV)
     ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=ok, other=0.0)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + rows * stride_dm + offs_dv[None, :], mask=ok, other=0.0)
+    o = tl.load(Out + bq * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=ok, other=0.0)
+    do = tl.load(DOut + bq * stride_db + h * stride_dh + rows * stride_dm + offs_dv[None, :], mask=ok,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
     if TEMP_MODE != TEMP_NONE:
-        rs = rs * row_temperature(offs_m, Lq, Lk, Temp + b * stride_tb + h * stride_th, stride_tm,
-                                  Count + b * stride_cb + h * stride_ch, stride_cm, temp_a, temp_b,
-                                  IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT)
+        lo, hi = visible_keys(offs_m, lk - lq, kv_lo, kv_hi, win_left, win_right, IS_CAUSAL, WINDOW)
+        rs = rs * row_temperature(offs_m, tl.maximum(hi - lo, 0), lq,
+                                  Temp + bq * stride_tb + h * stride_th + q_rows * stride_tm, stride_tm,
+                                  Count + bq * stride_cb + h * stride_ch + q_rows * stride_cm, stride_cm,
+                                  temp_a, temp_b, TEMP_MODE, CLIP, HAS_COUNT)
     if COS:
         offs_d = tl.arange(0, BLOCK_D)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
+        q = tl.load(Q + bq * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :],
                     mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
         qf = q.to(tl.float32)
         sq = tl.sum(qf * qf, 1)
         rs = rs * tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
-    row = (b * Hq + h) * Lq + offs_m
+    row = (bq * Hq + h) * Lq + q_rows + offs_m
     tl.store(Delta + row, delta, mask=row_ok)
     tl.store(RowScale + row, rs, mask=row_ok)
 
 
 @triton.jit
+def _probs(qk, rs, lse, logl, offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_mm, stride_mn,
+           MASK_MODE: tl.constexpr, MASKED: tl.constexpr):
+    """The forward's probabilities of a tile, recomputed from its row scale and log-sum-exp (under an
+    additive mask the log-sum-exp comes in two parts, the row max ``lse`` and ``logl`` = log2 of the
+    row sum)."""
+    s = qk * rs[:, None]
+    if MASKED:
+        valid, bias = key_validity(offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_mm, stride_mn, MASK_MODE)
+        if MASK_MODE == MASK_ADD:
+            p = tl.math.exp2((s + bias * LOG2E - lse[:, None]) - logl[:, None])
+        else:
+            p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(valid, p, 0.0)
+    else:
+        p = tl.math.exp2(s - lse[:, None])
+    return p
+
+
+@triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_desc, do_desc, lse_ptr, delta_ptr, rs_ptr, mask_ptr, stride_mm, stride_mn,
-    n0, offs_n, lo, hi, Lq, Lk, seed, bh, dropout_p, dropout_scale,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    dk, dv, k, v, q_desc, do_desc, lse_ptr, logl_ptr, delta_ptr, rs_ptr, mask_ptr, stride_mm, stride_mn,
+    n0, offs_n, lo_m, hi_m, lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
+    seed, bh, dropout_p, dropout_scale,
+    IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Accumulate one key block's dK, dV over the query blocks [lo, hi) of one head. (Computing in the
-    transposed orientation, keys as rows, measured 5-20% slower on the H100: benchmarks/NOTES.md.)"""
-    for m0 in range(lo, hi, BLOCK_M):
+    """Accumulate one key block's dK, dV over the query blocks [lo_m, hi_m) of one head. (Computing in
+    the transposed orientation, keys as rows, measured 5-20% slower on the H100: benchmarks/NOTES.md.)"""
+    for m0 in range(lo_m, hi_m, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < Lq
+        row_ok = offs_m < lq
         q = q_desc.load([m0, 0])
         rs = tl.load(rs_ptr + offs_m, mask=row_ok, other=0.0)
         lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
+        logl = lse
+        if MASK_MODE == MASK_ADD:
+            logl = tl.load(logl_ptr + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-        s = qk * rs[:, None]
+        lo = offs_m
+        hi = offs_m
         if MASKED:
-            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
-                                       IS_CAUSAL, MASK_MODE)
-            if MASK_MODE != MASK_NONE:
-                s = s + bias * LOG2E
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        else:
-            p = tl.math.exp2(s - lse[:, None])
+            lo, hi = visible_keys(offs_m, shift, kv_lo, kv_hi, win_left, win_right, IS_CAUSAL, WINDOW)
+        p = _probs(qk, rs, lse, logl, offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_mm, stride_mn,
+                   MASK_MODE, MASKED)
         do = do_desc.load([m0, 0])
         if DROPOUT:
             # the forward's bits; dV's 1 / (1 - p) comes once, in the epilogue
@@ -108,102 +145,106 @@ def _dkdv_tiles(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, RowScale, DK, DV, KInv, Mask, Seed,
+    Q, K, V, DOut, Lse, LogL, Delta, RowScale, DK, DV, KInv, Mask, Seed, CuQ, CuK, KvRange,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, dropout_p, dropout_scale,
+    Hq, Lq, Lk, GROUP, dropout_p, dropout_scale, win_left, win_right,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr, WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, kv head, batch): dK and dV summed over every query head of the
     group (GQA) and every query block that sees the keys, in a fixed order: no atomics, and the same
     bits on every run."""
     n0 = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
     hk64 = hk.to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    bq, q_start, lq, k_start, lk, kv_lo, kv_hi = batch_extent(tl.program_id(2), Lq, Lk, CuQ, CuK, KvRange,
+                                                              VARLEN, HAS_KV_RANGE)
+    q_rows = q_start.to(tl.int64)
+    k_rows = k_start.to(tl.int64)
+    shift = lk - lq
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk64 * stride_kh, shape=[Lk, HEAD_D],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk64 * stride_vh, shape=[Lk, HEAD_DV],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    k_desc = tl.make_tensor_descriptor(K + bq * stride_kb + hk64 * stride_kh + k_rows * stride_kn,
+                                       shape=[tl.maximum(lk, 1), HEAD_D], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + bq * stride_vb + hk64 * stride_vh + k_rows * stride_vn,
+                                       shape=[tl.maximum(lk, 1), HEAD_DV], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_DV])
     k = k_desc.load([n0, 0])
     v = v_desc.load([n0, 0])
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    # Query blocks [m_lo, m_full) cross the causal diagonal (or carry an attn_mask) and are masked;
-    # [m_full, Lq) see every key of this block. Row i sees key j iff j <= i + Lk - Lq.
-    m_lo = 0
-    m_full = 0
-    if IS_CAUSAL:
-        m_lo = tl.maximum(n0 - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
-        m_full = (tl.maximum(n0 + BLOCK_N - 1 - (Lk - Lq), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    if MASK_MODE != MASK_NONE:
-        m_full = Lq
-    m_mid = tl.minimum(m_full, Lq)
+    # query tiles [start, full_lo) and [full_hi, end) are masked, [full_lo, full_hi) see every key here
+    start, full_lo, full_hi, end = query_blocks(n0, lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
+                                                IS_CAUSAL, WINDOW, MASK_MODE != MASK_NONE, BLOCK_M, BLOCK_N)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
     for g in range(0, GROUP):
         h64 = (hk * GROUP + g).to(tl.int64)
-        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
-                                           strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-        do_desc = tl.make_tensor_descriptor(DOut + b * stride_dob + h64 * stride_doh, shape=[Lq, HEAD_DV],
-                                            strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
-        row = (b * Hq + h64) * Lq
-        mask_ptr = Mask + b * stride_mb + h64 * stride_mh
+        q_desc = tl.make_tensor_descriptor(Q + bq * stride_qb + h64 * stride_qh + q_rows * stride_qm,
+                                           shape=[tl.maximum(lq, 1), HEAD_D], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DOut + bq * stride_dob + h64 * stride_doh + q_rows * stride_dom,
+                                            shape=[tl.maximum(lq, 1), HEAD_DV], strides=[stride_dom, 1],
+                                            block_shape=[BLOCK_M, BLOCK_DV])
+        row = (bq * Hq + h64) * Lq + q_rows
+        mask_ptr = Mask + bq * stride_mb + h64 * stride_mh
         bh = b * Hq + h64
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
-                             mask_ptr, stride_mm, stride_mn, n0, offs_n, m_lo, m_mid, Lq, Lk,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
+                             RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, start, full_lo,
+                             lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, Delta + row, RowScale + row,
-                             mask_ptr, stride_mm, stride_mn, n0, offs_n, m_mid, Lq, Lq, Lk,
+                             IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
+                             RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, full_lo, full_hi,
+                             lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
+                             IS_CAUSAL, WINDOW, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
+        if WINDOW:
+            # only a window hides a key block from the last rows
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
+                                 RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, full_hi, end,
+                                 lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
+                                 seed, bh, dropout_p, dropout_scale,
+                                 IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
     if DROPOUT:
         dv = dv * dropout_scale
     if COS:
         # K was the unit K: chain through k_hat = k / ||k||
-        kinv = tl.load(KInv + (b * (Hq // GROUP) + hk64) * Lk + offs_n, mask=offs_n < Lk, other=0.0)
+        kinv = tl.load(KInv + (bq * (Hq // GROUP) + hk64) * Lk + k_rows + offs_n, mask=offs_n < lk, other=0.0)
         kf = k.to(tl.float32)
         dk = (dk - kf * tl.sum(kf * dk, 1)[:, None]) * kinv[:, None]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows = offs_n[:, None].to(tl.int64)
-    tl.store(DK + b * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_D))
-    tl.store(DV + b * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DV))
+    rows = k_rows + offs_n[:, None].to(tl.int64)
+    tl.store(DK + bq * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < lk) & (offs_d[None, :] < HEAD_D))
+    tl.store(DV + bq * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < HEAD_DV))
 
 
 @triton.jit
 def _dq_tiles(
-    g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi, Lq, Lk,
-    seed, bh, dropout_p, dropout_scale,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+    g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi,
+    start, end, lq, lk, seed, bh, dropout_p, dropout_scale,
+    MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
     TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Accumulate dQ (before the row scale) and the temperature's row sums over key tiles [lo, hi)."""
-    for n0 in range(lo, hi, BLOCK_N):
+    """Accumulate dQ (before the row scale) and the temperature's row sums over key tiles [start, end)."""
+    for n0 in range(start, end, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         k = k_desc.load([n0, 0])
         v = v_desc.load([n0, 0])
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)
-        s = qk * rs[:, None]
-        if MASKED:
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
-                                       IS_CAUSAL, MASK_MODE)
-            if MASK_MODE != MASK_NONE:
-                s = s + bias * LOG2E
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-        else:
-            p = tl.math.exp2(s - lse[:, None])
+        p = _probs(qk, rs, lse, logl, offs_m, n0 + tl.arange(0, BLOCK_N), lo, hi, lq, lk, mask_ptr,
+                   stride_mm, stride_mn, MASK_MODE, MASKED)
         dp = tl.dot(do, v.T, input_precision=DOT_PREC)
         if DROPOUT:
             keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N)
@@ -215,63 +256,79 @@ def _dq_tiles(
     return g, dt
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])
 def attention_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, RowScale, DQ, DT, Mask, Seed,
+    Q, K, V, DOut, Lse, LogL, Delta, RowScale, DQ, DT, Mask, Seed, CuQ, CuK, KvRange,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale, dropout_p, dropout_scale,
+    Hq, Lq, Lk, GROUP, scale, dropout_p, dropout_scale, win_left, win_right,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-    TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, query head, batch): dQ and, with TEMP_GRAD, dL/dt_i."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # longest rows first
-    m0 = pid_m * BLOCK_M
     h64 = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk64 = (tl.program_id(1) // GROUP).to(tl.int64)
+    bq, q_start, lq, k_start, lk, kv_lo, kv_hi = batch_extent(tl.program_id(2), Lq, Lk, CuQ, CuK, KvRange,
+                                                              VARLEN, HAS_KV_RANGE)
+    if VARLEN and IS_CAUSAL:
+        # the grid covers the longest sequence: count from this one's last block (the rest idle)
+        pid_m = pid_m - (tl.num_programs(0) - tl.cdiv(lq, BLOCK_M))
+        pid_m = tl.where(pid_m < 0, tl.cdiv(lq, BLOCK_M), pid_m)
+    m0 = pid_m * BLOCK_M
+    q_rows = q_start.to(tl.int64)
+    k_rows = k_start.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < Lq
-    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    do_desc = tl.make_tensor_descriptor(DOut + b * stride_dob + h64 * stride_doh, shape=[Lq, HEAD_DV],
-                                        strides=[stride_dom, 1], block_shape=[BLOCK_M, BLOCK_DV])
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk64 * stride_kh, shape=[Lk, HEAD_D],
-                                       strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk64 * stride_vh, shape=[Lk, HEAD_DV],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    row_ok = offs_m < lq
+    q_desc = tl.make_tensor_descriptor(Q + bq * stride_qb + h64 * stride_qh + q_rows * stride_qm,
+                                       shape=[tl.maximum(lq, 1), HEAD_D], strides=[stride_qm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    do_desc = tl.make_tensor_descriptor(DOut + bq * stride_dob + h64 * stride_doh + q_rows * stride_dom,
+                                        shape=[tl.maximum(lq, 1), HEAD_DV], strides=[stride_dom, 1],
+                                        block_shape=[BLOCK_M, BLOCK_DV])
+    k_desc = tl.make_tensor_descriptor(K + bq * stride_kb + hk64 * stride_kh + k_rows * stride_kn,
+                                       shape=[tl.maximum(lk, 1), HEAD_D], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + bq * stride_vb + hk64 * stride_vh + k_rows * stride_vn,
+                                       shape=[tl.maximum(lk, 1), HEAD_DV], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_DV])
     q = q_desc.load([m0, 0])
     do = do_desc.load([m0, 0])
-    row = (b * Hq + h64) * Lq
+    row = (bq * Hq + h64) * Lq + q_rows
     rs = tl.load(RowScale + row + offs_m, mask=row_ok, other=0.0)
     lse = tl.load(Lse + row + offs_m, mask=row_ok, other=float("inf"))
+    logl = lse
+    if MASK_MODE == MASK_ADD:
+        logl = tl.load(LogL + row + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row + offs_m, mask=row_ok, other=0.0)
-    mask_ptr = Mask + b * stride_mb + h64 * stride_mh
-    # key tiles [0, n_full) are visible to every row of the block, [n_full, hi) are masked
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + Lk - Lq), 0)
-        n_full = tl.maximum(tl.minimum(m0 + Lk - Lq + 1, Lk), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = Lk
-        n_full = Lk // BLOCK_N * BLOCK_N
-    if MASK_MODE != MASK_NONE:
-        n_full = 0
+    mask_ptr = Mask + bq * stride_mb + h64 * stride_mh
+    shift = lk - lq
+    lo, hi = visible_keys(offs_m, shift, kv_lo, kv_hi, win_left, win_right, IS_CAUSAL, WINDOW)
+    # key tiles [start, full_lo) and [full_hi, end) are masked, [full_lo, full_hi) visible to every row
+    start, full_lo, full_hi, end = key_blocks(m0, lq, shift, kv_lo, kv_hi, win_left, win_right, IS_CAUSAL,
+                                              WINDOW, MASK_MODE != MASK_NONE, BLOCK_M, BLOCK_N)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
     bh = b * Hq + h64
     g = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    g, dt = _dq_tiles(g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m,
-                      0, n_full, Lq, Lk, seed, bh, dropout_p, dropout_scale,
-                      IS_CAUSAL, MASK_MODE, False, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
-    g, dt = _dq_tiles(g, dt, q, do, rs, lse, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m,
-                      n_full, hi, Lq, Lk, seed, bh, dropout_p, dropout_scale,
-                      IS_CAUSAL, MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
+    if WINDOW or HAS_KV_RANGE:
+        g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+                          offs_m, lo, hi, start, full_lo, lq, lk, seed, bh, dropout_p, dropout_scale,
+                          MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
+    g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+                      offs_m, lo, hi, full_lo, full_hi, lq, lk, seed, bh, dropout_p, dropout_scale,
+                      MASK_MODE, False, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
+    g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+                      offs_m, lo, hi, full_hi, end, lq, lk, seed, bh, dropout_p, dropout_scale,
+                      MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
     a = rs * INV_LOG2E
     base = tl.zeros([BLOCK_M], dtype=tl.float32) + scale  # a_i / t_i
     if COS:
@@ -284,8 +341,8 @@ def attention_bwd_dq_kernel(
     else:
         dq = a[:, None] * g
     offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m[:, None].to(tl.int64)
-    tl.store(DQ + b * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
+    rows = q_rows + offs_m[:, None].to(tl.int64)
+    tl.store(DQ + bq * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
     if TEMP_GRAD:
         tl.store(DT + row + offs_m, dt * base, mask=row_ok)

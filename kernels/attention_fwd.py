@@ -16,7 +16,17 @@ and the log-sum-exp stay those of the undropped probabilities, as in FlashAttent
 import triton
 import triton.language as tl
 
-from .primitives import MASK_NONE, TEMP_NONE, TEMP_TENSOR, dropout_keep, key_validity, row_temperature
+from .primitives import (
+    MASK_ADD,
+    MASK_NONE,
+    TEMP_NONE,
+    batch_extent,
+    dropout_keep,
+    key_blocks,
+    key_validity,
+    row_temperature,
+    visible_keys,
+)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -24,20 +34,20 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-    offs_m, lo, hi, Lq, Lk, seed, bh, dropout_p,
-    IS_CAUSAL: tl.constexpr, MASK_MODE: tl.constexpr, SIGNED: tl.constexpr, DROPOUT: tl.constexpr,
+    offs_m, lo, hi, start, end, lq, lk, seed, bh, dropout_p,
+    MASK_MODE: tl.constexpr, SIGNED: tl.constexpr, DROPOUT: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """Online-softmax update over key tiles [lo, hi). MASKED tiles check causality, the key bound and
-    attn_mask; the others (wholly visible to every row) skip that work."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    """Online-softmax update over the key tiles [start, end). MASKED tiles check each row's visible
+    keys [lo_i, hi_i) and attn_mask; the others (wholly visible to every row) skip that work."""
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([start_n, 0])
         qk = tl.dot(q, k.T, input_precision=DOT_PREC)
         if MASKED:
-            valid, bias = key_validity(offs_m, offs_n, Lq, Lk, mask_ptr, stride_mm, stride_mn,
-                                       IS_CAUSAL, MASK_MODE)
+            valid, bias = key_validity(offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_mm, stride_mn,
+                                       MASK_MODE)
             s = qk * rs[:, None]
             if MASK_MODE != MASK_NONE:
                 s = s + bias * LOG2E
@@ -71,9 +81,9 @@ def _fwd_tiles(
 # Lengths are not specialised: Triton would compile Lk == 1 as a constant, and that variant (a loop of
 # constant trip count 1) read an illegal address on the H100 at D=64, Dv=32, fp16; it also saves a
 # compile per length class.
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Temp, Count, Mask, Seed,
+    Q, K, V, Out, Lse, LogL, Temp, Count, Mask, Seed, CuQ, CuK, KvRange,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -81,7 +91,7 @@ def attention_fwd_kernel(
     stride_tb, stride_th, stride_tm,
     stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b, dropout_p, dropout_scale,
+    Hq, Lq, Lk, GROUP, scale_log2, temp_a, temp_b, dropout_p, dropout_scale, win_left, win_right,
     LQ_KEY, LK_KEY,  # length buckets, read by the autotuner only
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
@@ -93,6 +103,9 @@ def attention_fwd_kernel(
     DOT_PREC: tl.constexpr,  # "ieee" or "tf32" for float32 inputs
     SIGNED: tl.constexpr,  # the row scale may be negative (tensor temperature or scale < 0)
     DROPOUT: tl.constexpr,  # dropout_p > 0: Seed holds the call's Philox key (int64)
+    VARLEN: tl.constexpr,  # packed sequences: program_id(2) is the sequence, CuQ/CuK its offsets
+    HAS_KV_RANGE: tl.constexpr,  # per-batch key padding: KvRange[b] = (first, end) of the valid keys
+    WINDOW: tl.constexpr,  # sliding window (win_left, win_right keys around the diagonal)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -103,41 +116,48 @@ def attention_fwd_kernel(
     h64 = h.to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     hk = h // GROUP
+    bq, q_start, lq, k_start, lk, kv_lo, kv_hi = batch_extent(tl.program_id(2), Lq, Lk, CuQ, CuK, KvRange,
+                                                              VARLEN, HAS_KV_RANGE)
+    if VARLEN and IS_CAUSAL:
+        # the grid covers the longest sequence: count from this one's last block (the rest idle)
+        pid_m = pid_m - (tl.num_programs(0) - tl.cdiv(lq, BLOCK_M))
+        pid_m = tl.where(pid_m < 0, tl.cdiv(lq, BLOCK_M), pid_m)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    q_rows = q_start.to(tl.int64)
+    k_rows = k_start.to(tl.int64)
 
-    # TMA descriptors over this (batch, head)'s (L, D) slice: rows past L and columns past D read as 0
-    q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
-                                       strides=[stride_qm, 1], block_shape=[BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + b * stride_kb + hk.to(tl.int64) * stride_kh, shape=[Lk, HEAD_D],
+    # TMA descriptors over this (sequence, head)'s (L, D) slice: rows past L and columns past D read as 0
+    q_desc = tl.make_tensor_descriptor(Q + bq * stride_qb + h64 * stride_qh + q_rows * stride_qm,
+                                       shape=[tl.maximum(lq, 1), HEAD_D], strides=[stride_qm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_D])
+    k_base = bq * stride_kb + hk.to(tl.int64) * stride_kh + k_rows * stride_kn
+    k_desc = tl.make_tensor_descriptor(K + k_base, shape=[tl.maximum(lk, 1), HEAD_D],
                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + b * stride_vb + hk.to(tl.int64) * stride_vh, shape=[Lk, HEAD_DV],
-                                       strides=[stride_vn, 1], block_shape=[BLOCK_N, BLOCK_DV])
+    v_desc = tl.make_tensor_descriptor(V + bq * stride_vb + hk.to(tl.int64) * stride_vh + k_rows * stride_vn,
+                                       shape=[tl.maximum(lk, 1), HEAD_DV], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_DV])
     q = q_desc.load([m0, 0])
 
+    shift = lk - lq
+    lo, hi = visible_keys(offs_m, shift, kv_lo, kv_hi, win_left, win_right, IS_CAUSAL, WINDOW)
     rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
     if TEMP_MODE != TEMP_NONE:
-        rs = rs * row_temperature(offs_m, Lq, Lk, Temp + b * stride_tb + h64 * stride_th, stride_tm,
-                                  Count + b * stride_cb + h64 * stride_ch, stride_cm, temp_a, temp_b,
-                                  IS_CAUSAL, TEMP_MODE, CLIP, HAS_COUNT)
+        rs = rs * row_temperature(offs_m, tl.maximum(hi - lo, 0), lq,
+                                  Temp + bq * stride_tb + h64 * stride_th + q_rows * stride_tm, stride_tm,
+                                  Count + bq * stride_cb + h64 * stride_ch + q_rows * stride_cm, stride_cm,
+                                  temp_a, temp_b, TEMP_MODE, CLIP, HAS_COUNT)
     if COS:
         qf = q.to(tl.float32)
         sq = tl.sum(qf * qf, 1)
         rs = rs * tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
     mask_ptr = Mask
     if MASK_MODE != MASK_NONE:
-        mask_ptr = Mask + b * stride_mb + h64 * stride_mh
+        mask_ptr = Mask + bq * stride_mb + h64 * stride_mh
 
-    # Key tiles [0, n_full) are visible to every row of this block; [n_full, hi) need masking.
-    if IS_CAUSAL:
-        hi = tl.maximum(tl.minimum(Lk, m0 + BLOCK_M + Lk - Lq), 0)
-        n_full = tl.maximum(tl.minimum(m0 + Lk - Lq + 1, Lk), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = Lk
-        n_full = Lk // BLOCK_N * BLOCK_N
-    if MASK_MODE != MASK_NONE:
-        n_full = 0
-
+    # key tiles [start, full_lo) and [full_hi, end) are masked, [full_lo, full_hi) visible to every row
+    start, full_lo, full_hi, end = key_blocks(m0, lq, shift, kv_lo, kv_hi, win_left, win_right, IS_CAUSAL,
+                                              WINDOW, MASK_MODE != MASK_NONE, BLOCK_M, BLOCK_N)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -145,24 +165,35 @@ def attention_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    if WINDOW or HAS_KV_RANGE:
+        # only a window or key padding can hide the first keys from some rows of the block
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+                                   offs_m, lo, hi, start, full_lo, lq, lk, seed, bh, dropout_p, MASK_MODE,
+                                   SIGNED, DROPOUT, True, DOT_PREC, BLOCK_N, False)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                               offs_m, 0, n_full, Lq, Lk, seed, bh, dropout_p, IS_CAUSAL, MASK_MODE, SIGNED,
-                               DROPOUT, False, DOT_PREC, BLOCK_N, WARP_SPEC)
+                               offs_m, lo, hi, full_lo, full_hi, lq, lk, seed, bh, dropout_p, MASK_MODE,
+                               SIGNED, DROPOUT, False, DOT_PREC, BLOCK_N, WARP_SPEC)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                               offs_m, n_full, hi, Lq, Lk, seed, bh, dropout_p, IS_CAUSAL, MASK_MODE, SIGNED,
-                               DROPOUT, True, DOT_PREC, BLOCK_N, False)
+                               offs_m, lo, hi, full_hi, end, lq, lk, seed, bh, dropout_p, MASK_MODE,
+                               SIGNED, DROPOUT, True, DOT_PREC, BLOCK_N, False)
 
-    # Epilogue: rows that saw no key write zeros and lse = +inf (so a backward recomputes p = 0).
+    # Epilogue: rows that saw no key write zeros and a log-sum-exp of +inf (so a backward recomputes p = 0).
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     if DROPOUT:
         out = out * dropout_scale
-    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    row_ok = offs_m < Lq
-    tl.store(Lse + (b * Hq + h64) * Lq + offs_m, lse, mask=row_ok)
+    row_ok = offs_m < lq
+    row = (bq * Hq + h64) * Lq + q_rows + offs_m
+    log_l = tl.log2(tl.where(has_key, l_i, 1.0))
+    if MASK_MODE == MASK_ADD:
+        # m + log2(l) would lose log2(l) next to a bias of ~finfo.min (|m| ~ 3e38): keep both
+        tl.store(Lse + row, tl.where(has_key, m_i, float("inf")), mask=row_ok)
+        tl.store(LogL + row, log_l, mask=row_ok)
+    else:
+        tl.store(Lse + row, tl.where(has_key, m_i + log_l, float("inf")), mask=row_ok)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_ptrs = (Out + b * stride_ob + h64 * stride_oh
-              + offs_m[:, None].to(tl.int64) * stride_om + offs_dv[None, :])
+    o_ptrs = (Out + bq * stride_ob + h64 * stride_oh
+              + (q_rows + offs_m[:, None].to(tl.int64)) * stride_om + offs_dv[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
 
@@ -253,6 +284,6 @@ attention_fwd_autotuned = triton.autotune(
     configs=[_config(*c) for c in sorted(_ALL)],
     # COS and CLIP leave the key loop unchanged and share a config; these options change its work
     key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "SIGNED", "DROPOUT",
-         "LQ_KEY", "LK_KEY"],
+         "VARLEN", "HAS_KV_RANGE", "WINDOW", "LQ_KEY", "LK_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )(attention_fwd_kernel)

@@ -149,12 +149,13 @@ def run_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     mask, causal = opts.get("attn_mask"), opts.get("is_causal", False)
     temperature, train_len, cos_scale = opts.get("temperature"), opts.get("train_len"), opts.get("cos_scale")
     p = check_inputs(query, key, value, mask, 0.0, causal, opts.get("scale"), opts.get("enable_gqa", False),
-                     temperature, train_len, cos_scale, kernel=True)
+                     temperature, train_len, cos_scale, kernel=True, kv_lengths=opts.get("kv_lengths"),
+                     window=opts.get("window"))
     poisoned = torch.full((p.batch, p.heads_q, p.lq, p.head_dim_v), float("nan"), dtype=query.dtype,
                           device=query.device)
     out, lse = attention_forward(query, key, value, p, out=poisoned)
     assert out.data_ptr() == poisoned.data_ptr(), "attention_forward did not write into out="
-    return out, lse
+    return out, lse[0]  # the log-sum-exp, or under an additive mask the row max (+inf on empty rows too)
 
 
 def reference_in(dtype: torch.dtype, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -168,7 +169,8 @@ def empty_rows(query: torch.Tensor, key: torch.Tensor, **opts: Any) -> torch.Ten
     """Boolean (B, Hq, Lq): rows that may attend to no key."""
     b, hq, lq, _ = query.shape
     lk = key.shape[2]
-    allowed = allowed_keys(opts.get("attn_mask"), opts.get("is_causal", False), lq, lk, query.device)
+    allowed = allowed_keys(opts.get("attn_mask"), opts.get("is_causal", False), lq, lk, query.device,
+                           window=opts.get("window"), kv_lengths=opts.get("kv_lengths"))
     return ~allowed.any(-1).expand(b, hq, lq)
 
 
@@ -311,7 +313,8 @@ def structural_zeros(query: torch.Tensor, key: torch.Tensor, temperature_shape: 
     b, hq, lq, _ = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     empty = empty_rows(query, key, **opts)  # (B, Hq, Lq)
-    allowed = allowed_keys(opts.get("attn_mask"), opts.get("is_causal", False), lq, lk, query.device)
+    allowed = allowed_keys(opts.get("attn_mask"), opts.get("is_causal", False), lq, lk, query.device,
+                           window=opts.get("window"), kv_lengths=opts.get("kv_lengths"))
     seen = allowed.expand(b, hq, lq, lk).any(2).reshape(b, hkv, hq // hkv, lk).any(2)  # (B, Hkv, Lk)
     zeros = {"query": empty[..., None], "key": ~seen[..., None], "value": ~seen[..., None]}
     if temperature_shape is not None:  # an element is zero if every row it broadcasts to is empty
@@ -339,7 +342,8 @@ def natural_gradient_norms(query: torch.Tensor, key: torch.Tensor, value: torch.
     probs = reference.scaled_dot_product_attention(q, k, eye, **ref_opts)  # (B, Hq, Lq, Lk)
     p = check_inputs(query, key, value, opts.get("attn_mask"), 0.0, opts.get("is_causal", False),
                      opts.get("scale"), opts.get("enable_gqa", False), temperature, opts.get("train_len"),
-                     opts.get("cos_scale"), kernel=False)
+                     opts.get("cos_scale"), kernel=False, kv_lengths=opts.get("kv_lengths"),
+                     window=opts.get("window"))
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     inv_q = inv_k = None
     if p.cos_scale is not None:
@@ -380,7 +384,8 @@ def kernel_grads_with_float32_output(query: torch.Tensor, key: torch.Tensor, val
     temperature = opts.get("temperature")
     p = check_inputs(query, key, value, opts.get("attn_mask"), 0.0, opts.get("is_causal", False),
                      opts.get("scale"), opts.get("enable_gqa", False), temperature, opts.get("train_len"),
-                     opts.get("cos_scale"), kernel=True)
+                     opts.get("cos_scale"), kernel=True, kv_lengths=opts.get("kv_lengths"),
+                     window=opts.get("window"))
     _, lse = attention_forward(query, key, value, p)
     fwd_opts = dict(opts, temperature=temperature.detach()) if isinstance(temperature, torch.Tensor) else opts
     out32 = reference_in(torch.float64, query, key, value, **fwd_opts).to(torch.float32)
