@@ -11,7 +11,7 @@ import torch
 from .temperature import TemperatureSpec, row_temperature
 from .validation import _broadcastable, check_inputs
 
-__all__ = ["scaled_dot_product_attention", "allowed_keys"]
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "allowed_keys"]
 
 
 def allowed_keys(
@@ -87,6 +87,9 @@ def scaled_dot_product_attention(
     = kept, broadcastable to (B, Hq, Lq, Lk)) gives ``keep``, e.g. the fused kernels' own mask from
     ``infoscale_triton.dropout.dropout_mask``; without it, ``dropout_p > 0`` draws a Bernoulli mask
     from torch's generator (torch's semantics, not the kernels' bits).
+
+    ``kv_lengths`` and ``window``: key padding and a sliding window as in the fused function
+    (:func:`allowed_keys` spells out which keys each row sees).
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=False, kv_lengths=kv_lengths, window=window)
@@ -126,3 +129,40 @@ def scaled_dot_product_attention(
     if dropout_mask is not None:
         probs = probs.masked_fill(~dropout_mask, 0) / (1 - p.dropout_p)
     return probs @ v
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    *,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    window: tuple[int, int] | None = None,
+    temperature: str | torch.Tensor | None = None,
+    train_len: int | None = None,
+    cos_scale: float | None = None,
+) -> torch.Tensor:
+    """Reference for :func:`infoscale_triton.varlen_attention`: the dense reference on each sequence
+    (packed ``(T, H, D)`` tensors; tokens past the last offset and rows that see no key get zeros)."""
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
+    for s in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = cu_q[s : s + 2], cu_k[s : s + 2]
+        if q1 == q0 or k1 == k0:
+            continue
+        q, k, v = (x[a:b].transpose(0, 1).unsqueeze(0) for x, a, b in
+                   ((query, q0, q1), (key, k0, k1), (value, k0, k1)))
+        temp = temperature
+        if isinstance(temperature, torch.Tensor):
+            temp = torch.broadcast_to(temperature, query.shape[:2])[q0:q1].transpose(0, 1).unsqueeze(0)
+        o = scaled_dot_product_attention(q, k, v, None, dropout_p, is_causal, scale, q.shape[1] != k.shape[1],
+                                         temperature=temp, train_len=train_len, cos_scale=cos_scale,
+                                         window=window)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
