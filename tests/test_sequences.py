@@ -9,6 +9,7 @@ that see no key must give zeros and zero, finite gradients (helpers.check_fused_
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import pytest
@@ -28,6 +29,10 @@ import infoscale_triton
 from infoscale_triton import reference
 
 gpu = pytest.mark.gpu
+# interpreter-sized breadth: cheap on CPU, but every case is new kernel compiles on a GPU, which runs the
+# ``gpu`` cases at tile-sized shapes instead (INFOSCALE_GRAD_BREADTH_ON_GPU=1 runs these there too)
+breadth = pytest.mark.skipif(ON_GPU and os.environ.get("INFOSCALE_GRAD_BREADTH_ON_GPU", "0") in ("", "0"),
+                             reason="interpreter-sized breadth (compile-bound on a GPU)")
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 causal = pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 TEMPS = [None, "infoscale", "logn_clipped"]
@@ -53,6 +58,7 @@ def padding_mask(lengths: torch.Tensor, lk: int) -> torch.Tensor:
 
 # ---- key padding -------------------------------------------------------------------------------
 
+@breadth
 @dtypes
 @causal
 @temps
@@ -85,6 +91,7 @@ def test_kv_lengths_out_of_range_are_clamped(is_causal: bool) -> None:
     assert (out[0] == 0).all()
 
 
+@breadth
 @dtypes
 @causal
 @pytest.mark.parametrize("pattern", ["right", "left", "holes"])
@@ -123,6 +130,7 @@ def test_key_padding_mask_matches_kv_lengths() -> None:
 WINDOWS = [(0, 0), (1, 0), (0, 1), (3, 2), (-1, 4), (5, -1), (500, 500)]
 
 
+@breadth
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: f"{w[0]}_{w[1]}")
 @causal
 @pytest.mark.parametrize("lengths", [(48, 48), (37, 61), (61, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -135,6 +143,7 @@ def test_window(window: tuple[int, int], is_causal: bool, lengths: tuple[int, in
                       temperature="infoscale", train_len=24)
 
 
+@breadth
 @dtypes
 def test_window_with_padding_and_cos(dtype: torch.dtype) -> None:
     b, lq, lk = 3, 50, 50
@@ -212,6 +221,7 @@ def varlen_grads(fn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dou
     return (out, *torch.autograd.grad(out, leaves, dout.to(dtype)))
 
 
+@breadth
 @dtypes
 @causal
 @pytest.mark.parametrize("window", [None, (6, 0)], ids=["nowin", "win6"])
@@ -309,27 +319,31 @@ def test_varlen_validation(case: str) -> None:
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_gpu_padding_window_varlen(dtype: torch.dtype, d: int) -> None:
-    """Tile-sized shapes: padding that skips whole tiles, a window spanning several tiles, and a packed
-    batch whose sequences straddle tile boundaries, forward and backward against the reference."""
+@pytest.mark.parametrize("kind", ["kv_lengths", "key_mask", "window", "varlen"])
+def test_gpu_padding_window_varlen(kind: str, dtype: torch.dtype, d: int) -> None:
+    """Tile-sized shapes, forward and backward against the reference: padding that skips whole tiles
+    (lengths 700, 333, 0), a left-padding key mask, a 200-key window spanning several tiles, and a
+    packed batch whose sequences straddle tile boundaries."""
     b, lq = 3, 700
     lengths = torch.tensor([700, 333, 0])
-    q, k, v = make_qkv(b, 4, 2, lq, lq, d, d, dtype)
-    check_fused_grads(q, k, v, kv_lengths=lengths.to(DEVICE), is_causal=True, enable_gqa=True,
-                      temperature="infoscale", train_len=256)
-    check_fused_grads(q, k, v, window=(200, 0), is_causal=True, enable_gqa=True, temperature="infoscale",
-                      train_len=256)
+    opts = dict(is_causal=True, temperature="infoscale", train_len=256)
+    if kind != "varlen":
+        q, k, v = make_qkv(b, 4, 2, lq, lq, d, d, dtype)
+        extra = {"kv_lengths": dict(kv_lengths=lengths.to(DEVICE)),
+                 "key_mask": dict(attn_mask=padding_mask(lengths, lq).flip(-1)),
+                 "window": dict(window=(200, 0))}[kind]
+        check_fused_grads(q, k, v, enable_gqa=True, **opts, **extra)
+        return
     lens = torch.tensor([300, 1, 0, 517, 129])
     pq, pk, pv, cu_q, cu_k = make_packed(lens, lens, 4, 2, d, d, dtype)
     dout = randn(pq.shape[0], 4, d, dtype=dtype)
-    opts = dict(is_causal=True, temperature="infoscale", train_len=256)
     fused = varlen_grads(lambda a, b_, c, **o: infoscale_triton.varlen_attention(a, b_, c, cu_q, cu_k, 517, 517,
                                                                                    **o), pq, pk, pv, dout, dtype,
                          **opts)
     ref = lambda a, b_, c, **o: reference.varlen_attention(a, b_, c, cu_q, cu_k, **o)  # noqa: E731
-    for f, r, lo in zip(fused, varlen_grads(ref, pq, pk, pv, dout, torch.float64, **opts),
-                        varlen_grads(ref, pq, pk, pv, dout, dtype, **opts)):
-        assert_within_budget(f, r, lo.double(), dtype, "gpu varlen: ")
+    for name, f, r, lo in zip(("out", "dq", "dk", "dv"), fused, varlen_grads(ref, pq, pk, pv, dout, torch.float64, **opts),
+                              varlen_grads(ref, pq, pk, pv, dout, dtype, **opts)):
+        assert_within_budget(f, r, lo.double(), dtype, f"gpu varlen {name}: ")
 
 
 def test_lengths_helper_covers_edges() -> None:
