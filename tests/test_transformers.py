@@ -1,6 +1,7 @@
-"""The Hugging Face transformers integration: a tiny randomly initialised Llama (GQA) with our attention,
-against transformers' own ``"sdpa"`` (no temperature) and against the package's PyTorch reference
-registered the same way (temperatures, CosScale), forward and greedy generation, padded and not.
+"""The Hugging Face transformers integration: tiny randomly initialised models (Llama with GQA; Mistral's
+sliding window; BERT) with our attention, against transformers' own ``"sdpa"`` (no temperature) and
+against the package's PyTorch reference registered the same way (temperatures, CosScale): forward,
+gradients and greedy generation, padded, packed and not.
 
 Budget: the logits in the model's dtype against the same model in float64, within 2x the error of the
 comparison implementation run in that dtype plus ``FLOOR`` (1e-5 relative in float32), as for the kernels
@@ -22,7 +23,15 @@ pytest.importorskip("transformers")
 
 import torch
 from helpers import DEVICE, DTYPES, FLOOR, assert_within_budget, rel_error
-from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, LlavaConfig, MistralConfig
+from transformers import (
+    AttentionInterface,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    BertConfig,
+    LlamaConfig,
+    LlavaConfig,
+    MistralConfig,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -42,10 +51,15 @@ def tiny_llama(dtype: torch.dtype = torch.float32, implementation: str = NAME,
     config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
                           initializer_range=0.1, pad_token_id=0, **extra)
+    return seeded(AutoModelForCausalLM, config, implementation).to(dtype)
+
+
+def seeded(auto_class: type, config: Any, implementation: str = NAME) -> torch.nn.Module:
+    """The model of ``config``, initialised under seed 0 (leaving the test's generator alone), in eval."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
-    return model.to(device=DEVICE, dtype=dtype).eval()
+        model = auto_class.from_config(config, attn_implementation=implementation)
+    return model.to(DEVICE).eval()
 
 
 def prompt(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +128,19 @@ def test_packed_sequences_and_sliding_window_match_sdpa() -> None:
     full = logits(tiny_llama(config_class=MistralConfig, sliding_window=None), NAME, ids, None)
     assert torch.equal(full[:, :5], ours[:, :5])  # the same weights
     assert rel_error(full[:, 5:], ours[:, 5:].double()) > MEASURABLE, "the window has no effect: weak test"
+
+
+def test_bidirectional_encoder_matches_sdpa() -> None:
+    """BERT (not causal), right-padded: padding keys masked in every row."""
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=128, initializer_range=0.1)
+    model = seeded(AutoModelForMaskedLM, config)
+    ids, mask = prompt(padded=True)
+    mask = mask.flip(-1)
+    ours = assert_logits_match(model, NAME, "sdpa", ids, mask)
+    valid = mask[1].bool()
+    unmasked = logits(model, NAME, ids, None)
+    assert rel_error(unmasked[1, valid], ours[1, valid].double()) > MEASURABLE, "no effect: weak test"
 
 
 OPTIONS = {
