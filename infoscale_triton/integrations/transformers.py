@@ -45,7 +45,9 @@ What the attention function does with transformers' arguments (it follows transf
 * ``scaling`` -> ``scale``; under CosScale it is ignored (the logit is ``s * cos``).
 * ``dropout`` applies only while ``module.training``.
 * GQA: key/value heads are shared through ``enable_gqa``, never repeated.
-* ``position_bias`` (T5-style models): added to the logits, masked keys at ``-inf``.
+* ``position_bias`` (T5-style models): added to the logits, masked keys at ``-inf``. The kernels give
+  no gradient to it: a learned bias with gradients enabled raises ``NotImplementedError`` (use
+  ``torch.no_grad()`` for inference).
 * ``sliding_window``, ``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k`` and other keyword
   arguments for other implementations are ignored: the mask carries the window and the packing
   (transformers finds packed sequences from ``position_ids``, as for ``"sdpa"``). Several sequences
