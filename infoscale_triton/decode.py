@@ -174,11 +174,13 @@ def _sm_count(device: torch.device) -> int:
 def choose_splits(batch: int, heads_kv: int, row_blocks: int, lk: int, block_n: int,
                   device: torch.device) -> int:
     """Splits per sequence from the shapes alone: about WAVES programs per SM, never fewer than
-    MIN_TILES_PER_SPLIT tiles of the longest possible cache per split."""
+    MIN_TILES_PER_SPLIT tiles of the longest possible cache per split, and no more splits than that
+    many tiles each needs (a full cache then leaves no split empty)."""
     programs = batch * heads_kv * row_blocks
+    tiles = triton.cdiv(lk, block_n)
     wanted = triton.cdiv(WAVES * _sm_count(device), programs)
-    most = max(triton.cdiv(lk, block_n) // MIN_TILES_PER_SPLIT, 1)
-    return max(1, min(wanted, most, MAX_SPLITS))
+    splits = max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    return triton.cdiv(tiles, triton.cdiv(tiles, splits))
 
 
 def decode_forward(
