@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import subprocess
@@ -54,10 +55,10 @@ if not torch.cuda.is_available():
     # No GPU: only the interpreter can run our kernels, and it must be chosen before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
+import triton
 
-import infoscale_triton  # noqa: E402
-from infoscale_triton import decode, peers, reference  # noqa: E402
+import infoscale_triton
+from infoscale_triton import decode, peers, reference
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = peers.N_TRAIN
@@ -235,8 +236,6 @@ def copy_gbps(mib: int, warmup: float, rep: float) -> float:
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = peers.time_ms([lambda: dst.copy_(src)], warmup, rep)
-    del src, dst
-    peers.free_memory()
     return 2 * mib * 2**20 / (ms * 1e6)
 
 
@@ -319,7 +318,7 @@ def write_results(base: Path, env: dict, rows: list[Row]) -> None:
 
 def table(rows: list[Row]) -> str:
     def num(x: float, fmt: str) -> str:
-        return "-" if x != x else format(x, fmt)
+        return "-" if math.isnan(x) else format(x, fmt)
 
     body = [[r.lk, r.provider + ("" if r.ok is not False else " !"), num(r.ms * 1e3, ".1f"), num(r.gbps, ".0f"),
              num(100 * r.of_copy, ".1f"), num(r.err, ".1e"), r.reason or r.note] for r in rows]
@@ -335,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     copy = copy_gbps(args.copy_mib, args.warmup, args.rep)
+    peers.free_memory()  # the copy buffers
     print(f"copy bandwidth ({args.copy_mib} MiB, read + write): {copy:.0f} GB/s", flush=True)
     env = environment(args, copy, shape)
     args.out.mkdir(parents=True, exist_ok=True)

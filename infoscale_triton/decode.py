@@ -129,7 +129,7 @@ def check_decode_inputs(
             raise ValueError(f"{name} must have a unit last stride (contiguous head_dim), got strides "
                              f"{tuple(t.stride())}")
     batch, heads_q, lq, head_dim = query.shape
-    _, heads_kv, lk, _ = key_cache.shape
+    heads_kv = key_cache.shape[1]
     if not 1 <= lq <= MAX_QUERY_ROWS:
         raise ValueError(f"query has Lq={lq} positions; decode_attention takes 1 to {MAX_QUERY_ROWS} per "
                          "sequence (use infoscale_triton.scaled_dot_product_attention for a prefill)")
@@ -164,7 +164,7 @@ def _check_lengths(kv_lengths: object, batch: int, device: torch.device) -> None
         raise ValueError(f"kv_lengths is on {kv_lengths.device} but query is on {device}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return H100_SMS

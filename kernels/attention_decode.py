@@ -74,7 +74,7 @@ def _split_tiles(
         if COS:
             s = s * _inv_norm(k)[None, :]
         if MASKED:
-            valid = key_ok[None, :] & (pos[:, None] >= 0)
+            valid = key_ok[None, :]  # tl.where broadcasts it over the rows
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= pos[:, None] + (len_b - Lq))
             s = tl.where(valid, s, float("-inf"))

@@ -32,7 +32,6 @@ from helpers import (
     mismatch_report,
     reference_in,
     rel_error,
-    to_layout,
 )
 
 import infoscale_triton
