@@ -157,15 +157,22 @@ def _sdpa(backend_name: str) -> Callable[..., tuple[Fn, str]]:
     return build
 
 
+_SCORE_MODS: dict[tuple, Callable] = {}  # one per shape: every input set reuses one compiled graph
+
+
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
     if q.device.type != "cuda":
         raise peers.Unavailable("flex needs CUDA tensors (a CPU compile is not what we compare with)")
     attend = peers._compiled_flex()
-    t = _factors(q, k.shape[2]).float()[:, 0]
+    key = (q.shape[2], k.shape[2], q.shape[-1], str(q.device))
+    if key not in _SCORE_MODS:
+        t = _factors(q, k.shape[2]).float()[:, 0]
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score * t[q_idx]
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * t[q_idx]
 
+        _SCORE_MODS[key] = score_mod
+    score_mod = _SCORE_MODS[key]
     return (lambda: attend(q, k, v, score_mod=score_mod, enable_gqa=True)), "enable_gqa=True"
 
 
