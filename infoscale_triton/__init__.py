@@ -2,6 +2,7 @@
 
 from . import reference
 from .attention import scaled_dot_product_attention
+from .decode import decode_attention as decode_attention  # explicit re-export (PEP 484)
 from .temperature import TEMPERATURE_CHOICES
 from .varlen import varlen_attention
 

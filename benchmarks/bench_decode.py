@@ -1,0 +1,367 @@
+#!/usr/bin/env python
+"""KV-cache decoding benchmark: infoscale_triton.decode_attention against what a user would run instead,
+as a fraction of the GPU's measured copy bandwidth (decoding reads the whole cache once per step).
+
+Shape (default): B=1, Hkv=8, Hq=32, D=128, bf16, Lq=1, a full cache of Lk in 4k, 32k, 128k, 256k keys
+(HF layout (B, Hkv, Lk, D), contiguous). Providers, on the same inputs:
+
+  ours         decode_attention(temperature="infoscale", train_len=N_TRAIN): t_i from n_i = Lk in-kernel
+  ours_notemp  the same kernel without a temperature
+  sdpa_cudnn   F.scaled_dot_product_attention under sdpa_kernel(CUDNN_ATTENTION) on q * t_i
+  sdpa_flash   the same with the FLASH_ATTENTION backend
+  flex         torch.compile(flex_attention), score_mod = score * t[q_idx], enable_gqa=True
+
+GQA: the SDPA peers get enable_gqa=True; a backend that refuses it is retried on K/V repeated with
+repeat_interleave (once, outside the timing: 4x the cache bytes read), and the note column says so.
+A peer that cannot run stays in the table with the reason.
+
+Copy: dst.copy_(src) of a --copy-mib buffer in the same run; copy GB/s = (read + written) / time.
+GB/s of a provider = (K + V cache + q + out bytes) / time; "of copy" = that / copy GB/s.
+
+Checks, before timing, at the first Lk (--check-all: every Lk): every provider's output against the
+package reference in float64; budget twice the reference's own error in the input dtype plus a floor
+(a failure is marked "!" and makes the exit code 1 when it is ours).
+
+Timing: triton.testing.do_bench median (--warmup, --rep ms), cycling over enough cache copies that
+together they exceed the L2 cache. GPU time: about 4 lengths x 5 providers x (warmup + rep) plus
+compiles (flex compiles per length, ~10-30 s each): under ~3 minutes with the defaults; --rep and
+--providers control it (--lk fewer lengths). --sweep adds our split kernel under other configs
+(BLOCK_N, stages, TMA or pointer loads) and --splits other split counts, for tuning.
+
+Results: tables on stdout; JSON and CSV (GPU, versions, commit, timestamp) under --out
+(default benchmarks/results/). Without CUDA, --smoke runs tiny sizes through the Triton interpreter to
+test the script (its timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    # No GPU: only the interpreter can run our kernels, and it must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton
+
+import infoscale_triton
+from infoscale_triton import decode, peers, reference
+
+REPO = Path(__file__).resolve().parent.parent
+N_TRAIN = peers.N_TRAIN
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PROVIDERS = ("ours", "ours_notemp", "sdpa_cudnn", "sdpa_flash", "flex")
+
+
+@dataclass(frozen=True)
+class Shape:
+    b: int
+    hkv: int
+    hq: int
+    d: int
+    lq: int = 1
+
+
+FULL = Shape(b=1, hkv=8, hq=32, d=128)
+SMOKE = Shape(b=1, hkv=2, hq=8, d=32)
+LENGTHS = {"full": (4096, 32768, 131072, 262144), "smoke": (64, 128)}
+# --sweep: (BLOCK_N, num_stages, TMA) for our split kernel, BLOCK_M and warps as decode_config picks
+SWEEP = [(bn, stages, tma) for bn in (32, 64, 128) for stages in (2, 3, 4) for tma in (True, False)]
+
+Fn = Callable[[], torch.Tensor]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes through the Triton interpreter (tests the script only)")
+    ap.add_argument("--lk", type=int, nargs="+", default=None, help="cache lengths (default 4k 32k 128k 256k)")
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, metavar="P",
+                    help=f"providers to run (default: all of {' '.join(PROVIDERS)})")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None,
+                    help="default bfloat16 on CUDA, float32 on the CPU interpreter (its bf16 dot is wrong)")
+    ap.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms (default 25)")
+    ap.add_argument("--rep", type=float, default=100.0, help="do_bench measuring time, ms (default 100)")
+    ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth buffer, MiB (default 1024)")
+    ap.add_argument("--check-all", action="store_true", help="check outputs at every length, not the first")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time ours_notemp under other split-kernel configs (tuning aid)")
+    ap.add_argument("--splits", type=int, nargs="+", default=[],
+                    help="also time ours_notemp with these num_splits (tuning aid)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                    help="results directory (default benchmarks/results/)")
+    args = ap.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    if args.lk is None:
+        args.lk = list(LENGTHS["smoke" if args.smoke else "full"])
+    if args.smoke:
+        args.copy_mib = min(args.copy_mib, 8)
+    return args
+
+
+# --- providers ---------------------------------------------------------------------------------
+
+def _factors(q: torch.Tensor, lk: int) -> torch.Tensor:
+    """InfoScale t_i per query row as (Lq, 1) in q's dtype: the rows are the cache's last Lq positions."""
+    return peers.row_factors(q.shape[2], lk, True, q.shape[-1], q.device).to(q.dtype)[:, None]
+
+
+def _ours(temperature: str | None, num_splits: int | None = None) -> Callable[..., tuple[Fn, str]]:
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+        opts = {"temperature": temperature, "train_len": N_TRAIN} if temperature else {}
+        return (lambda: infoscale_triton.decode_attention(q, k, v, num_splits=num_splits, **opts)), ""
+    return build
+
+
+def _sdpa(backend_name: str) -> Callable[..., tuple[Fn, str]]:
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+        if q.device.type != "cuda":
+            raise peers.Unavailable(f"sdpa {backend_name} needs CUDA tensors")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+        t = _factors(q, k.shape[2])
+
+        def gqa() -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q * t, k, v, enable_gqa=True)
+
+        try:
+            gqa()
+            return gqa, "enable_gqa=True"
+        except RuntimeError as e:
+            refusal = peers._reason(e)
+        group = q.shape[1] // k.shape[1]
+        k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+        def repeated() -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q * t, k_rep, v_rep)
+
+        return repeated, f"repeat_interleave x{group} (reads {group}x the cache; enable_gqa refused: {refusal})"
+    return build
+
+
+_SCORE_MODS: dict[tuple, Callable] = {}  # one per shape: every input set reuses one compiled graph
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+    if q.device.type != "cuda":
+        raise peers.Unavailable("flex needs CUDA tensors (a CPU compile is not what we compare with)")
+    attend = peers._compiled_flex()
+    key = (q.shape[2], k.shape[2], q.shape[-1], str(q.device))
+    if key not in _SCORE_MODS:
+        t = _factors(q, k.shape[2]).float()[:, 0]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * t[q_idx]
+
+        _SCORE_MODS[key] = score_mod
+    score_mod = _SCORE_MODS[key]
+    return (lambda: attend(q, k, v, score_mod=score_mod, enable_gqa=True)), "enable_gqa=True"
+
+
+BUILDERS: dict[str, Builder] = {"ours": _ours("infoscale"), "ours_notemp": _ours(None),
+                                "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa_flash": _sdpa("FLASH_ATTENTION"),
+                                "flex": _flex}
+
+
+Builder = Callable[..., tuple[Fn, str]]
+
+
+def build(builder: Builder, sets: list[tuple[torch.Tensor, ...]]) -> tuple[list[Fn], str, torch.Tensor | None, str]:
+    """One call per input set, the note, the first set's output, and the reason when it cannot run.
+    The first call (compile, autotune, cuDNN plan) happens here, outside any timing."""
+    try:
+        built = [builder(*s) for s in sets]
+        out = built[0][0]()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # surface asynchronous launch errors here
+        return [fn for fn, _ in built], built[0][1], out, ""
+    except peers.OOM:
+        reason = "out of memory"
+    except peers.Unavailable as e:
+        reason = str(e)
+    except Exception as e:  # noqa: BLE001 - any failure of a peer is recorded, never fatal
+        reason = peers._reason(e)
+    peers.free_memory()
+    return [], "", None, reason
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    lk: int
+    provider: str
+    ms: float = float("nan")
+    gbps: float = float("nan")
+    of_copy: float = float("nan")
+    err: float = float("nan")
+    tol: float = float("nan")
+    ok: bool | None = None  # None: not checked
+    note: str = ""
+    reason: str = ""
+    config: dict = field(default_factory=dict)
+
+
+def make_sets(shape: Shape, lk: int, dtype: torch.dtype, device: str, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """Enough independent (q, k, v) sets that together they exceed the last-level cache."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kv_bytes = 2 * shape.b * shape.hkv * lk * shape.d * torch.empty((), dtype=dtype).element_size()
+    n_sets = peers.input_sets_needed(kv_bytes)
+
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=gen, device=device, dtype=dtype)
+
+    return [(randn(shape.b, shape.hq, shape.lq, shape.d), randn(shape.b, shape.hkv, lk, shape.d),
+             randn(shape.b, shape.hkv, lk, shape.d)) for _ in range(n_sets)]
+
+
+def moved_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """K + V cache read, q read, out written (out has q's size at Dv = D)."""
+    return (k.numel() + v.numel() + 2 * q.numel()) * q.element_size()
+
+
+def copy_gbps(mib: int, warmup: float, rep: float) -> float:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = peers.time_ms([lambda: dst.copy_(src)], warmup, rep)
+    return 2 * mib * 2**20 / (ms * 1e6)
+
+
+def check(row: Row, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype,
+          temperature: str | None) -> None:
+    """The provider's output against the float64 reference (and the reference in ``dtype`` for the budget)."""
+    opts = {"enable_gqa": True, "temperature": temperature, "train_len": N_TRAIN if temperature else None}
+    ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), **opts)
+    low = reference.scaled_dot_product_attention(q, k, v, **opts)
+    row.err = peers.rel_err(out, ref64)
+    row.tol = peers.tolerance(peers.rel_err(low, ref64), dtype)
+    row.ok = peers.passes(row.err, row.tol)
+
+
+def measure(name: str, sets: list, lk: int, copy: float, args: argparse.Namespace, do_check: bool,
+            builder: Builder | None = None, config: dict | None = None) -> Row:
+    """Build (BUILDERS[name] unless ``builder``), check if asked, time. ``name`` labels the row; what
+    it computes is InfoScale unless it starts with ours_notemp."""
+    row = Row(lk, name, config=config or {})
+    fns, row.note, out, row.reason = build(builder or BUILDERS[name], sets)
+    if not fns:
+        return row
+    if do_check:
+        check(row, out, *sets[0], DTYPES[args.dtype], None if name.startswith("ours_notemp") else "infoscale")
+    del out
+    row.ms = peers.time_ms(fns, args.warmup, args.rep)
+    row.gbps = moved_bytes(*sets[0]) / (row.ms * 1e6)
+    row.of_copy = row.gbps / copy
+    return row
+
+
+def tuning_rows(sets: list, lk: int, copy: float, args: argparse.Namespace) -> list[Row]:
+    """ours_notemp under --sweep configs and --splits counts (decode.CONFIG_OVERRIDE / num_splits)."""
+    rows = []
+    q = sets[0][0]
+    rows_per_head = q.shape[1] // sets[0][1].shape[1] * q.shape[2]
+    base = decode.decode_config(max(triton.next_power_of_2(q.shape[-1]), 16), max(triton.next_power_of_2(q.shape[-1]), 16),
+                                rows_per_head, q.element_size(), interpret=not torch.cuda.is_available())
+    for bn, stages, tma in SWEEP if args.sweep else []:
+        cfg = dict(base, BLOCK_N=bn, num_stages=stages, TMA=tma)
+        decode.CONFIG_OVERRIDE = cfg
+        try:
+            rows.append(measure(f"ours_notemp[BN={bn},s={stages},{'tma' if tma else 'ptr'}]", sets, lk, copy,
+                                args, False, BUILDERS["ours_notemp"], cfg))
+        finally:
+            decode.CONFIG_OVERRIDE = None
+    for splits in args.splits:
+        rows.append(measure(f"ours_notemp[splits={splits}]", sets, lk, copy, args, False, _ours(None, splits),
+                            {"num_splits": splits}))
+    return rows
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def environment(args: argparse.Namespace, copy: float, shape: Shape) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"none (CPU {platform.machine()})"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
+            "commit": commit, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "interpreter": not torch.cuda.is_available(), "dtype": args.dtype, "shape": asdict(shape),
+            "copy_gbps": copy, "copy_mib": args.copy_mib, "warmup_ms": args.warmup, "rep_ms": args.rep}
+
+
+def write_results(base: Path, env: dict, rows: list[Row]) -> None:
+    """``base``.json and ``base``.csv, rewritten whole."""
+    records = [asdict(r) for r in rows]
+    base.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": records}, indent=1))
+    with base.with_suffix(".csv").open("w", newline="") as f:
+        fields = ["gpu", "timestamp", "commit", "dtype"] + (list(records[0]) if records else [])
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in records:
+            writer.writerow({**{k: env[k] for k in ("gpu", "timestamp", "commit", "dtype")}, **r,
+                             "config": json.dumps(r["config"])})
+
+
+def table(rows: list[Row]) -> str:
+    def num(x: float, fmt: str) -> str:
+        return "-" if math.isnan(x) else format(x, fmt)
+
+    body = [[r.lk, r.provider + ("" if r.ok is not False else " !"), num(r.ms * 1e3, ".1f"), num(r.gbps, ".0f"),
+             num(100 * r.of_copy, ".1f"), num(r.err, ".1e"), r.reason or r.note] for r in rows]
+    return peers.format_table(["Lk", "provider", "us", "GB/s", "% copy", "rel err", "note / reason"], body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    shape = SMOKE if args.smoke else FULL
+    if not torch.cuda.is_available() and not args.smoke:
+        print("no CUDA device: run with --smoke to test the script through the Triton interpreter")
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype]
+    copy = copy_gbps(args.copy_mib, args.warmup, args.rep)
+    peers.free_memory()  # the copy buffers
+    print(f"copy bandwidth ({args.copy_mib} MiB, read + write): {copy:.0f} GB/s", flush=True)
+    env = environment(args, copy, shape)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"bench_decode_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    rows: list[Row] = []
+    failed = False
+    for i, lk in enumerate(args.lk):
+        sets = make_sets(shape, lk, dtype, device, args.seed + i)
+        point = [measure(name, sets, lk, copy, args, args.check_all or i == 0) for name in args.providers]
+        point += tuning_rows(sets, lk, copy, args)
+        failed |= any(r.ok is False or r.reason for r in point if r.provider in ("ours", "ours_notemp"))
+        rows += point
+        print(f"\nB={shape.b} Hkv={shape.hkv} Hq={shape.hq} D={shape.d} Lq={shape.lq} Lk={lk} {args.dtype}")
+        print(table(point), flush=True)
+        del sets
+        peers.free_memory()
+        write_results(base, env, rows)  # rewritten after every length: a cut run keeps its rows
+    print(f"\nresults: {base}.{{json,csv}}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
