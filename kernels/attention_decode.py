@@ -21,7 +21,7 @@ Causality is bottom-right against the valid length: row i (of Lq) sees keys j <=
 import triton
 import triton.language as tl
 
-from .primitives import TEMP_NONE, row_temperature
+from .primitives import TEMP_NONE, row_temperature, visible_keys
 
 
 @triton.jit
@@ -137,8 +137,9 @@ def decode_split_kernel(
     rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
     if TEMP_MODE != TEMP_NONE:
         # n_i is analytic in the position against len_b (no count tensor)
-        rs = rs * row_temperature(pos, Lq, len_b, Temp + b * stride_tb + head * stride_th, stride_tm,
-                                  Temp, 0, temp_a, temp_b, IS_CAUSAL, TEMP_MODE, CLIP, False)
+        first, end = visible_keys(pos, len_b - Lq, 0, len_b, 0, 0, IS_CAUSAL, False)
+        rs = rs * row_temperature(pos, tl.maximum(end - first, 0), Lq, Temp + b * stride_tb + head * stride_th,
+                                  stride_tm, Temp, 0, temp_a, temp_b, TEMP_MODE, CLIP, False)
     if COS:
         rs = rs * _inv_norm(q)
 
