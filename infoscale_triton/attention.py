@@ -7,9 +7,13 @@ import contextlib
 import torch
 
 from .autograd import FusedAttention
+from .decode import MAX_QUERY_ROWS, decode_forward
 from .dropout import draw_seed
 from .forward import attention_forward
-from .validation import check_inputs
+from .validation import Problem, check_inputs
+
+# From this many keys on, inference calls with at most MAX_QUERY_ROWS query rows use the decode kernel.
+DECODE_MIN_KEYS = 1024
 
 
 def scaled_dot_product_attention(
@@ -91,7 +95,9 @@ def scaled_dot_product_attention(
         ValueError / TypeError naming the argument for bad input.
 
     Gradients flow to query, key, value and a tensor ``temperature`` through the fused backward
-    kernels (deterministic: no atomics, the same bits on every run).
+    kernels (deterministic: no atomics, the same bits on every run). Inference calls that decode (at
+    most 16 query rows against at least 1024 keys, no attn_mask, window or dropout) run the split-KV
+    kernel of :func:`infoscale_triton.decode_attention`, which splits the keys across the GPU.
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True, kv_lengths=kv_lengths, window=window)
@@ -109,5 +115,17 @@ def scaled_dot_product_attention(
         seed = draw_seed(query.device) if p.dropout_p > 0 else None
         if needs_grad:
             return FusedAttention.apply(query, key, value, p.temperature_tensor, p, seed)
+        if decodes(p, key, value):
+            return decode_forward(query, key, value, p.kv_lengths, p)
         out, _ = attention_forward(query, key, value, p, seed=seed)
     return out
+
+
+def decodes(p: Problem, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether an inference call is KV-cache decoding that the split-KV kernel (decode.py) serves
+    better than the dense forward, whose grid would be only batch x heads programs long."""
+    # with kv_lengths, causal rows of the decode kernel align to each cache's own length, here to Lk:
+    # the two agree for one query row (or without causality) only
+    same_rows = p.kv_lengths is None or p.lq == 1 or not p.is_causal
+    return (p.lq <= MAX_QUERY_ROWS and p.lk >= DECODE_MIN_KEYS and p.attn_mask is None and p.window is None
+            and p.dropout_p == 0 and same_rows and key.stride(-1) == 1 and value.stride(-1) == 1)

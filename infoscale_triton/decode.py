@@ -11,7 +11,7 @@ import triton
 
 from .forward import LOG2E, _ensure_allocator, _tma_ready, launch_options
 from .kernels.attention_decode import decode_combine_kernel, decode_config, decode_split_kernel
-from .validation import KERNEL_DTYPES, Problem, _shape, check_inputs, interpreter_active
+from .validation import Problem, check_inputs, interpreter_active
 
 MAX_QUERY_ROWS = 16  # Lq per sequence: the packed tile rows are GROUP * Lq
 MAX_SPLITS = 256
@@ -105,63 +105,21 @@ def check_decode_inputs(
     is_causal: bool, scale: float | None, temperature: str | torch.Tensor | None, train_len: int | None,
     cos_scale: float | None, num_splits: int | None,
 ) -> Problem:
-    """Validate one decode call: the cache-specific checks here (with the caches' own names), the
-    options and kernel limits through validation.check_inputs."""
-    tensors = (("query", query), ("key_cache", key_cache), ("value_cache", value_cache))
-    for name, t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
-                             f"got shape {_shape(t)}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} must not be empty, got shape {_shape(t)}")
-        if t.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; decode_attention takes float16, bfloat16 or "
-                            "float32")
-        if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
-    if key_cache.dtype != query.dtype or value_cache.dtype != query.dtype:
-        raise TypeError(f"query, key_cache and value_cache must share a dtype, got {query.dtype}, "
-                        f"{key_cache.dtype}, {value_cache.dtype}")
-    for name, t in tensors[1:]:
+    """Validate one decode call: the decode-specific limits here, the rest through
+    validation.check_inputs (with the caches' own names in its messages)."""
+    p = check_inputs(query, key_cache, value_cache, None, 0.0, is_causal, scale, True, temperature, train_len,
+                     cos_scale, kernel=True, kv_lengths=kv_lengths, names=("query", "key_cache", "value_cache"))
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit last stride (contiguous head_dim), got strides "
                              f"{tuple(t.stride())}")
-    batch, heads_q, lq, head_dim = query.shape
-    heads_kv = key_cache.shape[1]
-    if not 1 <= lq <= MAX_QUERY_ROWS:
-        raise ValueError(f"query has Lq={lq} positions; decode_attention takes 1 to {MAX_QUERY_ROWS} per "
+    if p.lq > MAX_QUERY_ROWS:
+        raise ValueError(f"query has Lq={p.lq} positions; decode_attention takes 1 to {MAX_QUERY_ROWS} per "
                          "sequence (use infoscale_triton.scaled_dot_product_attention for a prefill)")
-    if key_cache.shape[0] != batch or value_cache.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: query {_shape(query)}, key_cache {_shape(key_cache)}, "
-                         f"value_cache {_shape(value_cache)}")
-    if value_cache.shape[1:3] != key_cache.shape[1:3]:
-        raise ValueError(f"key_cache {_shape(key_cache)} and value_cache {_shape(value_cache)} must "
-                         "agree in heads and length")
-    if key_cache.shape[3] != head_dim:
-        raise ValueError(f"key_cache's head_dim {key_cache.shape[3]} differs from query's {head_dim}")
-    if heads_q % heads_kv:
-        raise ValueError(f"query's heads ({heads_q}) must be a multiple of key_cache's ({heads_kv})")
-    _check_lengths(kv_lengths, batch, query.device)
     if num_splits is not None and (not isinstance(num_splits, numbers.Integral) or isinstance(num_splits, bool)
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    return check_inputs(query, key_cache, value_cache, None, 0.0, is_causal, scale, True, temperature,
-                        train_len, cos_scale, kernel=True)
-
-
-def _check_lengths(kv_lengths: object, batch: int, device: torch.device) -> None:
-    if kv_lengths is None:
-        return
-    if not isinstance(kv_lengths, torch.Tensor):
-        raise TypeError(f"kv_lengths must be None or a torch.Tensor, got {type(kv_lengths).__name__}")
-    if kv_lengths.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"kv_lengths must be int32 or int64, got {kv_lengths.dtype}")
-    if tuple(kv_lengths.shape) != (batch,):
-        raise ValueError(f"kv_lengths must have shape (batch,) = ({batch},), got {_shape(kv_lengths)}")
-    if kv_lengths.device != device:
-        raise ValueError(f"kv_lengths is on {kv_lengths.device} but query is on {device}")
+    return p
 
 
 @functools.cache

@@ -109,9 +109,12 @@ def check_inputs(
     kernel: bool,
     kv_lengths: torch.Tensor | None = None,
     window: object = None,
+    names: tuple[str, str, str] = ("query", "key", "value"),
 ) -> Problem:
-    """Validate one call; ``kernel`` adds the fused path's limits (dtypes, head dims, device)."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
+    """Validate one call; ``kernel`` adds the fused path's limits (dtypes, head dims, device).
+    ``names``: what the caller calls its three tensors (in the messages)."""
+    qn, kn, vn = names
+    for name, t in ((qn, query), (kn, key), (vn, value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -125,9 +128,9 @@ def check_inputs(
             raise TypeError(f"{name} has dtype {t.dtype}; the fused kernels take float16, bfloat16 or "
                             "float32 (use infoscale_triton.reference for other dtypes)")
     if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, "
+        raise TypeError(f"{qn}, {kn} and {vn} must share a dtype, got {query.dtype}, {key.dtype}, "
                         f"{value.dtype}")
-    for name, t in (("key", key), ("value", value)):
+    for name, t in ((kn, key), (vn, value)):
         if t.device != query.device:
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}; "
                              "all tensors must be on one device")
@@ -140,13 +143,13 @@ def check_inputs(
     _, heads_kv, lk, _ = key.shape
     head_dim_v = value.shape[-1]
     if key.shape[0] != batch or value.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: query {_shape(query)}, key {_shape(key)}, "
-                         f"value {_shape(value)}")
+        raise ValueError(f"batch sizes differ: {qn} {_shape(query)}, {kn} {_shape(key)}, "
+                         f"{vn} {_shape(value)}")
     if value.shape[1] != heads_kv or value.shape[2] != lk:
-        raise ValueError(f"key {_shape(key)} and value {_shape(value)} must agree in heads and length")
+        raise ValueError(f"{kn} {_shape(key)} and {vn} {_shape(value)} must agree in heads and length")
     if key.shape[3] != head_dim:
-        raise ValueError(f"key's head_dim {key.shape[3]} differs from query's {head_dim}: "
-                         f"query {_shape(query)}, key {_shape(key)}")
+        raise ValueError(f"{kn}'s head_dim {key.shape[3]} differs from {qn}'s {head_dim}: "
+                         f"{qn} {_shape(query)}, {kn} {_shape(key)}")
     if enable_gqa:
         if heads_q % heads_kv:
             raise ValueError(f"with enable_gqa=True the query heads ({heads_q}) must be a multiple of "

@@ -283,13 +283,13 @@ BAD = [
      {"value_cache": _t(2, 2, 9, 16)}),
     ("head-dim", ValueError, r"key_cache's head_dim 32 differs from query's 16",
      {"key_cache": _t(2, 2, 8, 32)}),
-    ("gqa", ValueError, r"query's heads \(3\) must be a multiple of key_cache's \(2\)",
+    ("gqa", ValueError, r"query heads \(3\) must be a multiple of the key/value heads \(2\)",
      {"query": _t(2, 3, 1, 16)}),
     ("small-head-dim", ValueError, r"head_dim is 8", {"query": _t(2, 4, 1, 8), "key_cache": _t(2, 2, 8, 8)}),
-    ("lengths-list", TypeError, r"kv_lengths must be None or a torch\.Tensor", {"kv_lengths": [8, 8]}),
+    ("lengths-list", TypeError, r"kv_lengths must be an int32 or int64 tensor", {"kv_lengths": [8, 8]}),
     ("lengths-float", TypeError, r"kv_lengths must be int32 or int64, got torch\.float32",
      {"kv_lengths": torch.ones(2, device=DEVICE)}),
-    ("lengths-shape", ValueError, r"kv_lengths must have shape \(batch,\) = \(2,\), got \(2, 1\)",
+    ("lengths-shape", ValueError, r"kv_lengths must have shape \(2,\), got \(2, 1\)",
      {"kv_lengths": torch.ones(2, 1, dtype=torch.int32, device=DEVICE)}),
     ("lengths-device", ValueError, r"kv_lengths is on meta",
      {"kv_lengths": torch.ones(2, dtype=torch.int32, device="meta")}),
@@ -394,3 +394,34 @@ def test_gpu_offsets_past_2_31() -> None:
     assert k.storage_offset() + (length - 1) * k.stride(2) > 2**31
     q = torch.randn(1, 4, 1, d, dtype=torch.float16, device=DEVICE)
     check_decode(q, k, v, torch.tensor([length - 3], device=DEVICE), temperature="infoscale", train_len=4096)
+
+
+@pytest.mark.parametrize("lq, lengths, grad, routed", [
+    (1, None, False, True),
+    (4, None, False, True),
+    (1, "edge", False, True),
+    (4, "edge", False, False),  # causal rows align to Lk here, to each cache's length in decode
+    (1, None, True, False),  # training: the dense path has the backward
+], ids=["lq1", "lq4", "lq1-lengths", "lq4-lengths-dense", "grad-dense"])
+def test_dense_function_routes_decoding(monkeypatch: pytest.MonkeyPatch, lq: int, lengths: str | None,
+                                        grad: bool, routed: bool) -> None:
+    """scaled_dot_product_attention sends inference calls with few query rows and many keys to the
+    split-KV kernel (and nothing else), with the dense function's semantics either way."""
+    b, lk = 2, 1100
+    q, k, v = make_qkv(b, 4, 2, lq, lk, 16, 16, torch.float32)
+    kv = edge_lengths(b, lk) if lengths else None
+    calls = []
+    real = decode_forward
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("infoscale_triton.attention.decode_forward", spy)
+    if grad:
+        q.requires_grad_()
+    opts = dict(is_causal=True, enable_gqa=True, kv_lengths=kv, temperature="infoscale", train_len=64)
+    out = infoscale_triton.scaled_dot_product_attention(q, k, v, **opts)
+    assert bool(calls) == routed
+    ref = reference_in(torch.float64, q.detach(), k, v, **opts)
+    assert_within_budget(out.detach(), ref, reference_in(torch.float32, q.detach(), k, v, **opts))
