@@ -10,6 +10,9 @@ Shape (default): B=1, Hkv=8, Hq=32, D=128, bf16, Lq=1, a full cache of Lk in 4k,
   sdpa_cudnn   F.scaled_dot_product_attention under sdpa_kernel(CUDNN_ATTENTION) on q * t_i
   sdpa_flash   the same with the FLASH_ATTENTION backend
   flex         torch.compile(flex_attention), score_mod = score * t[q_idx], enable_gqa=True
+  *_graph      ours / sdpa_cudnn / sdpa_flash captured in a CUDA graph and replayed: GPU time without
+               the host's launch cost (a call of ours costs ~0.1 ms of Python and Triton launching,
+               more than the kernels below ~64k keys)
 
 GQA: the SDPA peers get enable_gqa=True; a backend that refuses it is retried on K/V repeated with
 repeat_interleave (once, outside the timing: 4x the cache bytes read), and the note column says so.
@@ -63,7 +66,8 @@ from infoscale_triton import decode, peers, reference
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = peers.N_TRAIN
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PROVIDERS = ("ours", "ours_notemp", "sdpa_cudnn", "sdpa_flash", "flex")
+PROVIDERS = ("ours", "ours_notemp", "sdpa_cudnn", "sdpa_flash", "flex", "ours_graph", "sdpa_cudnn_graph",
+             "sdpa_flash_graph")
 
 
 @dataclass(frozen=True)
@@ -176,9 +180,34 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
     return (lambda: attend(q, k, v, score_mod=score_mod, enable_gqa=True)), "enable_gqa=True"
 
 
+def _graphed(builder: Callable[..., tuple[Fn, str]]) -> Callable[..., tuple[Fn, str]]:
+    """The same call captured in a CUDA graph and replayed: the GPU time without the host's launch cost
+    (how a decoding loop runs in practice: vLLM, transformers' static cache under torch.compile)."""
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+        if q.device.type != "cuda":
+            raise peers.Unavailable("CUDA graphs need CUDA tensors")
+        fn, note = builder(q, k, v)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # compile / plan outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+        return replay, ("graph; " + note).rstrip("; ")
+    return build
+
+
 BUILDERS: dict[str, Builder] = {"ours": _ours("infoscale"), "ours_notemp": _ours(None),
                                 "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa_flash": _sdpa("FLASH_ATTENTION"),
                                 "flex": _flex}
+for _name in ("ours", "sdpa_cudnn", "sdpa_flash"):
+    BUILDERS[_name + "_graph"] = _graphed(BUILDERS[_name])
 
 
 Builder = Callable[..., tuple[Fn, str]]
