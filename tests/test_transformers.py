@@ -126,7 +126,9 @@ def test_packed_sequences_and_sliding_window_match_sdpa() -> None:
     windowed = tiny_llama(config_class=MistralConfig, sliding_window=5)
     ours = assert_logits_match(windowed, NAME, "sdpa", ids, None)
     full = logits(tiny_llama(config_class=MistralConfig, sliding_window=None), NAME, ids, None)
-    assert torch.equal(full[:, :5], ours[:, :5])  # the same weights
+    # the same weights: the first 5 rows see the same keys (a masked and an unmasked kernel variant: equal
+    # through the interpreter, within float32 rounding compiled)
+    assert rel_error(full[:, :5], ours[:, :5].double()) <= FLOOR[torch.float32]
     assert rel_error(full[:, 5:], ours[:, 5:].double()) > MEASURABLE, "the window has no effect: weak test"
 
 
@@ -217,9 +219,12 @@ def test_generate_matches(options: dict[str, Any], truth: str, padded: bool, cac
     for implementation, cache_implementation in ((NAME, cache), (truth, "dynamic")):
         model.set_attn_implementation(implementation)
         with torch.no_grad():
+            # transformers compiles the forward for a static cache on CUDA; torch.compile support (custom
+            # operators) is not built yet, so generation runs eagerly here
             runs[implementation] = model.generate(
                 ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=True,
-                cache_implementation=cache_implementation, return_dict_in_generate=True, output_scores=True)
+                cache_implementation=cache_implementation, return_dict_in_generate=True, output_scores=True,
+                disable_compile=True)
     ours, ref = runs[NAME], runs[truth]
     assert ours.sequences.shape == (2, LENGTH + 4)
     assert torch.equal(ours.sequences, ref.sequences), f"{ours.sequences} != {ref.sequences}"
