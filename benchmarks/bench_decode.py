@@ -105,6 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="also time ours_notemp under other split-kernel configs (tuning aid)")
     ap.add_argument("--splits", type=int, nargs="+", default=[],
                     help="also time ours_notemp with these num_splits (tuning aid)")
+    ap.add_argument("--graph", action="store_true", help="time the --sweep / --splits rows as CUDA-graph replays")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                     help="results directory (default benchmarks/results/)")
@@ -310,17 +311,19 @@ def tuning_rows(sets: list, lk: int, copy: float, args: argparse.Namespace) -> l
     rows_per_head = q.shape[1] // sets[0][1].shape[1] * q.shape[2]
     base = decode.decode_config(max(triton.next_power_of_2(q.shape[-1]), 16), max(triton.next_power_of_2(q.shape[-1]), 16),
                                 rows_per_head, q.element_size(), interpret=not torch.cuda.is_available())
+    wrap = _graphed if args.graph else (lambda b: b)  # --graph: time the GPU alone
+    tag = "_graph" if args.graph else ""
     for bn, stages, tma in SWEEP if args.sweep else []:
         cfg = dict(base, BLOCK_N=bn, num_stages=stages, TMA=tma)
         decode.CONFIG_OVERRIDE = cfg
         try:
-            rows.append(measure(f"ours_notemp[BN={bn},s={stages},{'tma' if tma else 'ptr'}]", sets, lk, copy,
-                                args, False, BUILDERS["ours_notemp"], cfg))
+            rows.append(measure(f"ours_notemp{tag}[BN={bn},s={stages},{'tma' if tma else 'ptr'}]", sets, lk,
+                                copy, args, False, wrap(BUILDERS["ours_notemp"]), cfg))
         finally:
             decode.CONFIG_OVERRIDE = None
     for splits in args.splits:
-        rows.append(measure(f"ours_notemp[splits={splits}]", sets, lk, copy, args, False, _ours(None, splits),
-                            {"num_splits": splits}))
+        rows.append(measure(f"ours_notemp{tag}[splits={splits}]", sets, lk, copy, args, False,
+                            wrap(_ours(None, splits)), {"num_splits": splits}))
     return rows
 
 

@@ -351,3 +351,41 @@ def test_lengths_helper_covers_edges() -> None:
     for count, most in itertools.product((3, 6), (5, 40)):
         got = set(random_lengths(count, most).tolist())
         assert {0, 1, most} <= got
+
+
+@gpu
+def test_gpu_varlen_and_padding_capture_in_a_cuda_graph() -> None:
+    """With the max lengths given, varlen (forward and backward) and kv_lengths never synchronise with
+    the host: both capture in a CUDA graph, and replays follow new contents of the captured tensors."""
+    lens = torch.tensor([300, 1, 0, 517])
+    q, k, v, cu_q, cu_k = make_packed(lens, lens, 4, 2, 64, 64, torch.bfloat16)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    dout = torch.randn(q.shape[0], 4, 64, device=DEVICE, dtype=torch.bfloat16)
+    b, lk = 2, 640
+    dq, dk, dv = make_qkv(b, 4, 2, 1, lk, 64, 64, torch.bfloat16)
+    kv = torch.tensor([640, 100], device=DEVICE)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        out = infoscale_triton.varlen_attention(*leaves, cu_q, cu_k, 517, 517, is_causal=True,
+                                                temperature="infoscale", train_len=256)
+        grads = torch.autograd.grad(out, leaves, dout)
+        dec = infoscale_triton.scaled_dot_product_attention(dq, dk, dv, is_causal=True, enable_gqa=True,
+                                                            kv_lengths=kv)
+        return (out, *grads, dec)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):  # new inputs in the captured buffers, then replay
+        for x in (*leaves, dout, dq, dk, dv):
+            x.data.copy_(torch.randn_like(x))
+        kv.copy_(torch.randint(0, lk + 1, (b,), device=DEVICE))
+        graph.replay()
+        eager = step()
+        for got, want in zip(captured, eager):
+            assert torch.equal(got, want)
