@@ -361,9 +361,9 @@ def test_gpu_varlen_and_padding_capture_in_a_cuda_graph() -> None:
     q, k, v, cu_q, cu_k = make_packed(lens, lens, 4, 2, 64, 64, torch.bfloat16)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     dout = torch.randn(q.shape[0], 4, 64, device=DEVICE, dtype=torch.bfloat16)
-    b, lk = 2, 640
+    b, lk = 2, 1100  # one query row against 1100 keys: the split-KV decode kernel
     dq, dk, dv = make_qkv(b, 4, 2, 1, lk, 64, 64, torch.bfloat16)
-    kv = torch.tensor([640, 100], device=DEVICE)
+    kv = torch.tensor([1100, 100], device=DEVICE)
 
     def step() -> tuple[torch.Tensor, ...]:
         out = infoscale_triton.varlen_attention(*leaves, cu_q, cu_k, 517, 517, is_causal=True,
