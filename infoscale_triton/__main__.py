@@ -62,6 +62,8 @@ class Case:
     temperature: str | None = "infoscale"  # a string kind, "tensor" (random per-row), or None
     cos: bool = False
     mask: str | None = None  # None, "bool" (with fully masked rows) or "float" (additive, some -inf)
+    padding: str | None = None  # None, "lengths" (kv_lengths) or "mask" (a (B, 1, 1, Lk) boolean mask)
+    window: tuple[int, int] | None = None
 
 
 def cases(gpu: bool) -> list[Case]:
@@ -82,6 +84,9 @@ def cases(gpu: bool) -> list[Case]:
         Case("odd lengths, D=80, causal", odd_q, odd_k, d=80, causal=True),
         Case("D=59, Dv=40 (unaligned rows)", odd_q, odd_k, d=59, dv=40, cos=True),
         Case("tensor temperature, causal", n, n, causal=True, temperature="tensor"),
+        Case("key padding (kv_lengths), InfoScale, causal", n, n, causal=True, padding="lengths"),
+        Case("key padding mask (B,1,1,Lk), CosScale + InfoScale", n, n, cos=True, padding="mask"),
+        Case(f"sliding window ({n // 8}, 0), InfoScale, causal", n, n, causal=True, window=(n // 8, 0)),
     ]
 
 
@@ -98,6 +103,14 @@ def _inputs(c: Case, dtype, device, gen):
         kw["temperature"] = (0.5 + torch.rand(c.b, c.hq, c.lq, generator=gen)).to(device)
     elif c.temperature is not None:
         kw.update(temperature=c.temperature, train_len=max(c.lk // 2, 2))
+    if c.padding is not None:
+        lengths = torch.tensor([c.lk // 3 + 1, c.lk][: c.b])  # keys [0, len_b) of each batch entry
+        if c.padding == "lengths":
+            kw["kv_lengths"] = lengths.to(device)
+        else:
+            kw["attn_mask"] = (torch.arange(c.lk) < lengths[:, None]).view(c.b, 1, 1, c.lk).to(device)
+    if c.window is not None:
+        kw["window"] = c.window
     if c.mask == "bool":
         m = torch.rand(c.b, 1, c.lq, c.lk, generator=gen) < 0.8
         m[:, :, :3] = False  # rows that may attend to nothing must come out as zeros
