@@ -219,6 +219,7 @@ def kernel_key(key: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tenso
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None,
     unit_key: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Returns the output (B, Hq, Lq, Dv) in the input dtype and the row
     statistics the backward needs, float32: the log-sum-exp in base 2 as (1, B, Hq, Lq) (+inf for rows
@@ -227,7 +228,9 @@ def attention_forward(
     Under CosScale,
     ``unit_key`` is kernel_key's result if the caller already has it (the autograd forward keeps it for
     the backward). With ``p.dropout_p > 0``, ``seed`` (dropout.draw_seed) picks the dropout mask; the
-    log-sum-exp is that of the undropped probabilities."""
+    log-sum-exp is that of the undropped probabilities. ``entropy``, if given ((2, B, Hq, Lq) float32),
+    receives each row's attention entropy in nats and its largest probability (undropped; 0 and 0 for
+    rows that see no key), computed in the same pass."""
     _ensure_allocator()
     if p.cos_scale is not None:
         key = unit_key if unit_key is not None else kernel_key(key, p)[0]
@@ -246,6 +249,7 @@ def attention_forward(
     seed, dropout_p, dropout_scale = dropout_args(p, seed, lse)
     args = (
         q, k, v, out, lse[0], lse[-1], *opt.pointers, seed, *opt.extent,
+        *((entropy[0], entropy[1]) if entropy is not None else (lse, lse)),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -254,7 +258,7 @@ def attention_forward(
         p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b, dropout_p, dropout_scale,
         *opt.window, _bucket(p.rows), _bucket(p.keys),
     )
-    meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0)
+    meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0, ENTROPY=entropy is not None)
     block_d, block_dv = meta["BLOCK_D"], meta["BLOCK_DV"]
     interpret = interpreter_active()
     if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None:

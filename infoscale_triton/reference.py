@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .temperature import TemperatureSpec, row_temperature
-from .validation import _broadcastable, check_inputs
+from .temperature import row_temperature
+from .validation import Problem, _broadcastable, check_inputs
 
-__all__ = ["scaled_dot_product_attention", "varlen_attention", "allowed_keys"]
+__all__ = ["scaled_dot_product_attention", "varlen_attention", "attention_entropy", "allowed_keys"]
 
 
 def allowed_keys(
@@ -96,23 +96,60 @@ def scaled_dot_product_attention(
     shape = (p.batch, p.heads_q, p.lq, p.lk)
     if dropout_mask is not None:
         _check_dropout_mask(dropout_mask, shape, query.device)
-    q, k, v = query, key, value
+    probs = _probabilities(query, key, p)
+    v = value.repeat_interleave(p.group, dim=1) if p.group > 1 else value
+    if dropout_mask is None and p.dropout_p > 0:
+        dropout_mask = torch.rand(shape, device=probs.device) >= p.dropout_p
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0) / (1 - p.dropout_p)
+    return probs @ v
+
+
+def attention_entropy(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    temperature: str | torch.Tensor | None = None,
+    train_len: int | None = None,
+    cos_scale: float | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row attention entropy ``H_i = -sum_j p_ij ln p_ij`` (nats) and the largest probability
+    ``max_j p_ij``, each ``(B, Hq, Lq)``, of the attention that :func:`scaled_dot_product_attention`
+    computes with the same arguments (before dropout). Rows that see no key give 0 and 0."""
+    p = check_inputs(query, key, key, attn_mask, 0.0, is_causal, scale, enable_gqa, temperature, train_len,
+                     cos_scale, kernel=False, kv_lengths=kv_lengths, window=window)
+    probs = _probabilities(query, key, p)
+    plogp = torch.where(probs > 0, probs * torch.log(torch.where(probs > 0, probs, 1)), 0)
+    return -plogp.sum(-1), probs.amax(-1)
+
+
+def _probabilities(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
+    """softmax over the allowed keys of ``t_i * c * q_i.k_j + bias_ij``, (B, Hq, Lq, Lk); rows with no
+    allowed key are zeros."""
+    q, k = query, key
     if p.group > 1:
         k = k.repeat_interleave(p.group, dim=1)
-        v = v.repeat_interleave(p.group, dim=1)
-    if cos_scale is not None:
+    if p.cos_scale is not None:
         q, k = _unit_rows(q), _unit_rows(k)
     logits = p.scale * (q @ k.transpose(-2, -1))  # (B, Hq, Lq, Lk)
 
-    allowed = allowed_keys(attn_mask, is_causal, p.lq, p.lk, q.device, window=p.window, kv_lengths=kv_lengths)
+    attn_mask = p.attn_mask
+    allowed = allowed_keys(attn_mask, p.is_causal, p.lq, p.lk, q.device, window=p.window,
+                           kv_lengths=p.kv_lengths)
     allowed = allowed.expand(logits.shape)
-    if isinstance(temperature, torch.Tensor):
-        t = temperature.to(logits.dtype).expand(p.batch, p.heads_q, p.lq)
-    elif temperature is not None:
+    if p.temperature_tensor is not None:
+        t = p.temperature_tensor.to(logits.dtype).expand(p.batch, p.heads_q, p.lq)
+    elif p.temperature is not None:
         # count and evaluate t in at least float32: bf16 cannot even hold n = 1001
         work = torch.promote_types(logits.dtype, torch.float32)
         n = allowed.sum(-1).to(work)
-        t = row_temperature(n, TemperatureSpec.parse(temperature), train_len, p.head_dim).to(logits.dtype)
+        t = row_temperature(n, p.temperature, p.train_len, p.head_dim).to(logits.dtype)
     else:
         t = None
     if t is not None:
@@ -123,12 +160,7 @@ def scaled_dot_product_attention(
     logits = logits.masked_fill(~allowed, float("-inf"))
     # Rows with no allowed key: softmax would give NaN; they output zeros instead.
     empty = ~allowed.any(-1, keepdim=True)
-    probs = torch.softmax(logits.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
-    if dropout_mask is None and p.dropout_p > 0:
-        dropout_mask = torch.rand(shape, device=probs.device) >= p.dropout_p
-    if dropout_mask is not None:
-        probs = probs.masked_fill(~dropout_mask, 0) / (1 - p.dropout_p)
-    return probs @ v
+    return torch.softmax(logits.masked_fill(empty, 0), dim=-1).masked_fill(empty, 0)
 
 
 def varlen_attention(

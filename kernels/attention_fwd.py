@@ -29,17 +29,19 @@ from .primitives import (
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
+INV_LOG2E = tl.constexpr(0.6931471805599453)  # ln 2
 
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
+    acc, l_i, m_i, u_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
     offs_m, lo, hi, start, end, lq, lk, seed, bh, dropout_p,
-    MASK_MODE: tl.constexpr, SIGNED: tl.constexpr, DROPOUT: tl.constexpr,
+    MASK_MODE: tl.constexpr, SIGNED: tl.constexpr, DROPOUT: tl.constexpr, ENTROPY: tl.constexpr,
     MASKED: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     """Online-softmax update over the key tiles [start, end). MASKED tiles check each row's visible
-    keys [lo_i, hi_i) and attn_mask; the others (wholly visible to every row) skip that work."""
+    keys [lo_i, hi_i) and attn_mask; the others (wholly visible to every row) skip that work. With
+    ENTROPY, u_i = sum_j 2^(s_ij - m_i) (s_ij - m_i) rides along (rescaled with the max like l_i)."""
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -67,6 +69,14 @@ def _fwd_tiles(
                 p = tl.math.exp2(qk * rs[:, None] - m_new[:, None])
             m_sub = m_new
         alpha = tl.math.exp2(m_i - m_sub)
+        if ENTROPY:
+            # u relative to the new max: alpha (u + l (m_old - m_new)); p (s - m) is 0 where p is 0
+            shift = tl.where(l_i > 0, l_i * (m_i - m_sub), 0.0)
+            if MASKED:
+                term = tl.where(p > 0, p * (s - m_sub[:, None]), 0.0)
+            else:
+                term = p * (qk * rs[:, None] - m_sub[:, None])
+            u_i = alpha * (u_i + shift) + tl.sum(term, 1)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
@@ -75,7 +85,7 @@ def _fwd_tiles(
         v = v_desc.load([start_n, 0])
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, l_i, m_i, u_i
 
 
 # Lengths are not specialised: Triton would compile Lk == 1 as a constant, and that variant (a loop of
@@ -83,7 +93,7 @@ def _fwd_tiles(
 # compile per length class.
 @triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, LogL, Temp, Count, Mask, Seed, CuQ, CuK, KvRange,
+    Q, K, V, Out, Lse, LogL, Temp, Count, Mask, Seed, CuQ, CuK, KvRange, Entropy, MaxProb,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -106,6 +116,7 @@ def attention_fwd_kernel(
     VARLEN: tl.constexpr,  # packed sequences: program_id(2) is the sequence, CuQ/CuK its offsets
     HAS_KV_RANGE: tl.constexpr,  # per-batch key padding: KvRange[b] = (first, end) of the valid keys
     WINDOW: tl.constexpr,  # sliding window (win_left, win_right keys around the diagonal)
+    ENTROPY: tl.constexpr,  # also store each row's attention entropy (nats) and largest probability
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -165,17 +176,21 @@ def attention_fwd_kernel(
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    u_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if WINDOW or HAS_KV_RANGE:
         # only a window or key padding can hide the first keys from some rows of the block
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                                   offs_m, lo, hi, start, full_lo, lq, lk, seed, bh, dropout_p, MASK_MODE,
-                                   SIGNED, DROPOUT, True, DOT_PREC, BLOCK_N, False)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                               offs_m, lo, hi, full_lo, full_hi, lq, lk, seed, bh, dropout_p, MASK_MODE,
-                               SIGNED, DROPOUT, False, DOT_PREC, BLOCK_N, WARP_SPEC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
-                               offs_m, lo, hi, full_hi, end, lq, lk, seed, bh, dropout_p, MASK_MODE,
-                               SIGNED, DROPOUT, True, DOT_PREC, BLOCK_N, False)
+        acc, l_i, m_i, u_i = _fwd_tiles(
+            acc, l_i, m_i, u_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi,
+            start, full_lo, lq, lk, seed, bh, dropout_p,
+            MASK_MODE, SIGNED, DROPOUT, ENTROPY, True, DOT_PREC, BLOCK_N, False)
+    acc, l_i, m_i, u_i = _fwd_tiles(
+        acc, l_i, m_i, u_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi,
+        full_lo, full_hi, lq, lk, seed, bh, dropout_p,
+        MASK_MODE, SIGNED, DROPOUT, ENTROPY, False, DOT_PREC, BLOCK_N, WARP_SPEC)
+    acc, l_i, m_i, u_i = _fwd_tiles(
+        acc, l_i, m_i, u_i, q, rs, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi,
+        full_hi, end, lq, lk, seed, bh, dropout_p,
+        MASK_MODE, SIGNED, DROPOUT, ENTROPY, True, DOT_PREC, BLOCK_N, False)
 
     # Epilogue: rows that saw no key write zeros and a log-sum-exp of +inf (so a backward recomputes p = 0).
     has_key = l_i > 0
@@ -191,6 +206,12 @@ def attention_fwd_kernel(
         tl.store(LogL + row, log_l, mask=row_ok)
     else:
         tl.store(Lse + row, tl.where(has_key, m_i + log_l, float("inf")), mask=row_ok)
+    if ENTROPY:
+        # p_j = 2^(s_j - m) / l: H = ln l - ln 2 * u / l, max_j p_j = 1 / l; empty rows give 0, 0
+        l_safe = tl.where(has_key, l_i, 1.0)
+        ent = tl.log(l_safe) - INV_LOG2E * u_i / l_safe
+        tl.store(Entropy + row, tl.where(has_key, ent, 0.0), mask=row_ok)
+        tl.store(MaxProb + row, tl.where(has_key, 1.0 / l_safe, 0.0), mask=row_ok)
     offs_dv = tl.arange(0, BLOCK_DV)
     o_ptrs = (Out + bq * stride_ob + h64 * stride_oh
               + (q_rows + offs_m[:, None].to(tl.int64)) * stride_om + offs_dv[None, :])
@@ -284,6 +305,6 @@ attention_fwd_autotuned = triton.autotune(
     configs=[_config(*c) for c in sorted(_ALL)],
     # COS and CLIP leave the key loop unchanged and share a config; these options change its work
     key=["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "MASK_MODE", "DOT_PREC", "SIGNED", "DROPOUT",
-         "VARLEN", "HAS_KV_RANGE", "WINDOW", "LQ_KEY", "LK_KEY"],
+         "VARLEN", "HAS_KV_RANGE", "WINDOW", "ENTROPY", "LQ_KEY", "LK_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )(attention_fwd_kernel)

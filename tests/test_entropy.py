@@ -1,0 +1,92 @@
+"""The fused forward's per-row attention entropy and largest probability (issue 6) against the float64
+reference (``reference.attention_entropy``), computed from the same pass's running max and sums.
+
+Outputs are poisoned with NaN before the run so that unwritten rows show; rows that see no key must
+give 0 and 0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from helpers import DEVICE, DTYPES, make_mask, make_qkv, make_temperature
+
+from infoscale_triton import reference
+from infoscale_triton.forward import attention_forward
+from infoscale_triton.validation import check_inputs
+
+dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+# the entropy of a row is a sum of p ln p: its error follows the probabilities', i.e. the logits'
+# rounding (about the inputs' epsilon times the logit scale), not the output's
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def fused_entropy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **opts: Any) -> torch.Tensor:
+    p = check_inputs(q, k, v, opts.get("attn_mask"), 0.0, opts.get("is_causal", False), opts.get("scale"),
+                     opts.get("enable_gqa", False), opts.get("temperature"), opts.get("train_len"),
+                     opts.get("cos_scale"), kernel=True, kv_lengths=opts.get("kv_lengths"), window=opts.get("window"))
+    stats = torch.full((2, p.batch, p.heads_q, p.lq), float("nan"), device=q.device)
+    attention_forward(q, k, v, p, entropy=stats)
+    return stats
+
+
+def check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **opts: Any) -> None:
+    stats = fused_entropy(q, k, v, **opts)
+    ref_opts = {name: (x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+                for name, x in opts.items()}
+    h_ref, p_ref = reference.attention_entropy(q.double(), k.double(), **ref_opts)
+    assert not stats.isnan().any(), "unwritten or NaN entropy rows"
+    for name, got, want in (("entropy", stats[0], h_ref), ("max prob", stats[1], p_ref)):
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err <= TOLERANCE[q.dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[q.dtype]:.0e}"
+    empty = p_ref == 0
+    assert (stats[:, empty] == 0).all(), "rows that see no key must give entropy 0 and max prob 0"
+
+
+@dtypes
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("temperature", [None, "infoscale", "logn_clipped", "tensor_bhl"], ids=str)
+def test_entropy(dtype: torch.dtype, is_causal: bool, temperature: str | None) -> None:
+    q, k, v = make_qkv(2, 4, 2, 45, 70, 32, 16, dtype)
+    check(q, k, v, is_causal=is_causal, enable_gqa=True, **make_temperature(temperature, 2, 4, 45))
+
+
+@pytest.mark.parametrize("mask", ["bool_empty_rows", "float_b1qk_empty_rows", "bool_b11k"])
+def test_entropy_with_masks(mask: str) -> None:
+    q, k, v = make_qkv(2, 2, 2, 40, 50, 32, 32, torch.float32)
+    check(q, k, v, attn_mask=make_mask(mask, 2, 2, 40, 50), temperature="infoscale", train_len=24)
+
+
+@pytest.mark.parametrize("opts", [
+    dict(cos_scale=64.0, is_causal=True),
+    dict(window=(6, 0), is_causal=True, kv_lengths=torch.tensor([50, 0])),
+    dict(kv_lengths=torch.tensor([1, 33])),
+], ids=["cos", "window-padding", "padding"])
+def test_entropy_options(opts: dict[str, Any]) -> None:
+    opts = {name: (x.to(DEVICE) if isinstance(x, torch.Tensor) else x) for name, x in opts.items()}
+    q, k, v = make_qkv(2, 2, 2, 50, 50, 32, 32, torch.float32)
+    check(q, k, v, temperature="infoscale", train_len=24, **opts)
+
+
+def test_entropy_of_uniform_and_one_hot_rows() -> None:
+    """Known values: equal logits give ln(n) and 1/n; one dominant key gives ~0 and ~1."""
+    n = 37
+    q = torch.zeros(1, 1, 2, 16, device=DEVICE)
+    k = torch.randn(1, 1, n, 16, device=DEVICE)
+    q[0, 0, 1] = 100 * k[0, 0, 5] / k[0, 0, 5].norm()  # row 1 aims hard at key 5
+    k[0, 0, 5] *= 10
+    stats = fused_entropy(q, k, k)
+    assert abs(stats[0, 0, 0, 0].item() - torch.log(torch.tensor(float(n))).item()) < 1e-5
+    assert abs(stats[1, 0, 0, 0].item() - 1 / n) < 1e-6
+    assert stats[0, 0, 0, 1].item() < 1e-3 and stats[1, 0, 0, 1].item() > 0.999
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_entropy(dtype: torch.dtype, d: int) -> None:
+    """Compiled, tile-sized: causal InfoScale at 2000 x 2000 (the unmasked tiles carry the sum too)."""
+    q, k, v = make_qkv(2, 4, 4, 2000, 2000, d, d, dtype)
+    check(q, k, v, is_causal=True, temperature="infoscale", train_len=512)
+    check(q, k, v, window=(300, 0), is_causal=True, cos_scale=32.0)
