@@ -111,7 +111,7 @@ def _inputs(c: Case, dtype, device, gen):
         return (2 * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
 
     q, k, v = randn(c.b, c.hq, c.lq, c.d), randn(c.b, c.hkv, c.lk, c.d), randn(c.b, c.hkv, c.lk, c.dv or c.d)
-    kw: dict = dict(is_causal=c.causal, enable_gqa=c.hq != c.hkv, cos_scale=32.0 if c.cos else None)
+    kw: dict = {"is_causal": c.causal, "enable_gqa": c.hq != c.hkv, "cos_scale": 32.0 if c.cos else None}
     if c.temperature == "tensor":
         kw["temperature"] = (0.5 + torch.rand(c.b, c.hq, c.lq, generator=gen)).to(device)
     elif c.temperature is not None:
@@ -148,7 +148,7 @@ def run_check(dtype_names: Sequence[str] | None = None, patterns: Sequence[str] 
     each dtype; exit code 1 on any failure, 2 if no case matches."""
     import torch
 
-    import infoscale_triton.forward as forward
+    from infoscale_triton import forward
 
     gpu = torch.cuda.is_available() and not _interpreting()
     device = "cuda" if gpu else "cpu"
@@ -240,21 +240,22 @@ def run_bench(args: argparse.Namespace) -> int:
 
     from infoscale_triton import bench
 
-    if not torch.cuda.is_available() or _interpreting():
+    gpu = torch.cuda.is_available() and not _interpreting()
+    if not gpu:
         print("bench: no CUDA GPU, so the tiny --smoke grid through the Triton INTERPRETER on CPU, "
               "ours vs the eager reference; these timings say nothing about GPU speed.", flush=True)
         args.smoke = True
     if args.providers is None:
-        args.providers = GPU_PROVIDERS if not args.smoke or torch.cuda.is_available() else CPU_PROVIDERS
+        args.providers = GPU_PROVIDERS if gpu else CPU_PROVIDERS
     code, records, meta, json_path = bench.run(bench.finish_args(args), name="bench")
     if records and not args.plots:
         print("plots skipped (--no-plots)")
     elif records:
-        _plot(records, [meta], args.out, json_path.stem, json_path)
+        _plot(records, [meta], args.out, json_path.stem, str(json_path))
     return code
 
 
-def _plot(records: list[dict], metas: list[dict], out: Path, prefix: str, source: Path,
+def _plot(records: list[dict], metas: list[dict], out: Path, prefix: str, source: str,
           providers: Sequence[str] | None = None) -> bool:
     """Write the PNGs; without matplotlib say how to make them later. False if none was written."""
     from infoscale_triton import plots
@@ -280,7 +281,7 @@ def run_plot(args: argparse.Namespace) -> int:
     out = args.out or args.results[0].parent
     prefix = args.prefix or (args.results[0].stem if len(args.results) == 1 else "attention")
     source = " ".join(map(str, args.results))
-    return 0 if _plot(records, metas, out, prefix, Path(source), args.providers) else 1
+    return 0 if _plot(records, metas, out, prefix, source, args.providers) else 1
 
 
 # --- entry point --------------------------------------------------------------------------------

@@ -66,7 +66,9 @@ class Progress:
         self.total, self.description = total, description
         self._bar = None
         console = _console()
-        if console is not None:
+        if console is None:
+            print(f"({RICH_MISSING})", flush=True)
+        else:
             import rich.progress as rp
 
             self._bar = rp.Progress(
