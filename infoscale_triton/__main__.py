@@ -1,15 +1,22 @@
-"""``python -m infoscale_triton`` (or ``infoscale-triton``): check the kernels, then a short speed table.
+"""``python -m infoscale_triton`` (or ``infoscale-triton``): check the kernels, benchmark them, plot.
 
     check   the fused kernels against the float64 reference on a handful of configurations, the
             output and the gradients of q, k, v; exit code 1 on any failure
-    bench   ours against torch SDPA (cuDNN, Flash) and flex_attention at one shape, on a GPU
-    (none)  check, then bench
+    bench   ours against torch SDPA (cuDNN, FlashAttention-2), flex_attention (and eager) over a grid
+            of head dims, sequence lengths, causal or not, both modes and passes: a table, JSON, CSV
+            and PNG plots under --out (infoscale_triton/bench.py)
+    info    versions, the GPU, and which of our paths and of the peers run here
+    plot    PNG plots from existing results JSON files (no GPU needed)
+    (none)  check, then bench --quick
 
 Without a CUDA GPU the kernels run in Triton's interpreter on the CPU, at small sizes and in
-float16 / float32; the bench is then interpreter-vs-reference timings, which say nothing about GPU
-speed. The interpreter must be chosen before ``triton`` is imported, and ``python -m`` imports this
-package (hence triton) before this module runs: so on a CPU-only machine the main job re-runs itself
-with ``TRITON_INTERPRET=1``. Nothing here imports triton or the kernels at module level.
+float16 / float32; the bench is then the tiny --smoke grid, whose timings say nothing about GPU speed.
+The interpreter must be chosen before ``triton`` is imported, and ``python -m`` imports this package
+(hence triton) before this module runs: so on a CPU-only machine the command re-runs itself with
+``TRITON_INTERPRET=1``. Nothing here imports triton or the kernels at module level.
+
+Tables and the progress bar use ``rich``, plots ``matplotlib`` (the ``cli`` extra); without them the
+output is plain text and the plots are skipped, with a message.
 """
 
 from __future__ import annotations
@@ -21,8 +28,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 INTERPRET_ENV = "TRITON_INTERPRET"
+DEFAULT_OUT = Path("infoscale_bench_results")
+# bench's providers by default: what a user would pick instead of ours (bench_attention.py adds
+# ours_notemp and eager); on CPU only ours and eager can run
+GPU_PROVIDERS = ["ours", "sdpa_cudnn", "sdpa_flash", "flex"]
+CPU_PROVIDERS = ["ours", "eager"]
 
 
 def _interpreting() -> bool:
@@ -98,7 +111,7 @@ def _inputs(c: Case, dtype, device, gen):
         return (2 * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
 
     q, k, v = randn(c.b, c.hq, c.lq, c.d), randn(c.b, c.hkv, c.lk, c.d), randn(c.b, c.hkv, c.lk, c.dv or c.d)
-    kw: dict = dict(is_causal=c.causal, enable_gqa=c.hq != c.hkv, cos_scale=32.0 if c.cos else None)
+    kw: dict = {"is_causal": c.causal, "enable_gqa": c.hq != c.hkv, "cos_scale": 32.0 if c.cos else None}
     if c.temperature == "tensor":
         kw["temperature"] = (0.5 + torch.rand(c.b, c.hq, c.lq, generator=gen)).to(device)
     elif c.temperature is not None:
@@ -130,20 +143,27 @@ def _cast(kw: dict, dtype) -> dict:
             for k, x in kw.items()}
 
 
-def run_check(dtype_names: Sequence[str] | None = None) -> int:
+def run_check(dtype_names: Sequence[str] | None = None, patterns: Sequence[str] | None = None) -> int:
+    """Check the cases whose name contains one of ``patterns`` (all by default; case-insensitive) in
+    each dtype; exit code 1 on any failure, 2 if no case matches."""
     import torch
 
-    import infoscale_triton.forward as forward
+    from infoscale_triton import forward
 
     gpu = torch.cuda.is_available() and not _interpreting()
     device = "cuda" if gpu else "cpu"
+    selected = [c for c in cases(gpu) if not patterns or any(p.lower() in c.name.lower() for p in patterns)]
+    if not selected:
+        print(f"check: no case name contains any of {list(patterns or [])}; the cases are:\n  "
+              + "\n  ".join(c.name for c in cases(gpu)), file=sys.stderr)
+        return 2
     names = dtype_names or (["bfloat16", "float16"] if gpu else ["float16", "float32"])
     dtypes = [getattr(torch, n) for n in names]
     # One fixed launch config per head dim: autotuning every shape here would take minutes (the
     # benchmark checks the autotuned configs). Restored for the bench that may follow.
     autotune, forward.AUTOTUNE = forward.AUTOTUNE, False
     try:
-        return _check_cases(gpu, device, dtypes)
+        return _check_cases(selected, gpu, device, dtypes)
     finally:
         forward.AUTOTUNE = autotune
 
@@ -157,106 +177,116 @@ def _with_grads(fn, q, k, v, kw: dict, dout):
     return out.detach(), torch.autograd.grad(out, leaves, dout.to(out.dtype))
 
 
-def _check_cases(gpu: bool, device: str, dtypes: list) -> int:
+def _check_cases(selected: list[Case], gpu: bool, device: str, dtypes: list) -> int:
     import torch
 
-    from infoscale_triton import peers, reference, scaled_dot_product_attention
+    from infoscale_triton.console import Progress, table
 
     where = f"GPU {torch.cuda.get_device_name(0)}" if gpu else "Triton interpreter on CPU"
     print(f"check: fused kernels vs the float64 reference ({where}), output and gradients of q, k, v; "
           "budget = 2 x error of PyTorch in the same dtype + floor", flush=True)
     gen = torch.Generator().manual_seed(1234)
     rows, failed = [], 0
-    for c in cases(gpu):
-        for dtype in dtypes:
-            t0 = time.perf_counter()
-            q, k, v, kw = _inputs(c, dtype, device, gen)
-            dout = torch.randn(c.b, c.hq, c.lq, c.dv or c.d, generator=gen, dtype=torch.float64).to(device)
-            try:
-                out, grads = _with_grads(scaled_dot_product_attention, q, k, v, kw, dout)
-                ref, ref_grads = _with_grads(reference.scaled_dot_product_attention, q.double(), k.double(),
-                                             v.double(), _cast(kw, torch.float64), dout)
-                low, low_grads = _with_grads(reference.scaled_dot_product_attention, q, k, v,
-                                             _cast(kw, dtype), dout)
-                err, base = peers.rel_err(out, ref), peers.rel_err(low, ref)
-                ok = peers.passes(err, peers.tolerance(base, dtype))
-                # gradients of q, k, v: the worst of the three, each against its own budget
-                g_err = g_base = 0.0
-                for g, r, lo in zip(grads, ref_grads, low_grads):
-                    e, e_low = peers.rel_err(g, r), peers.rel_err(lo, r)
-                    ok &= peers.passes(e, peers.tolerance(e_low, dtype))
-                    g_err, g_base = max(g_err, e), max(g_base, e_low)
-                cells = [f"{err:.1e}", f"{base:.1e}", f"{g_err:.1e}", f"{g_base:.1e}", "ok" if ok else "FAIL"]
-            except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
-                ok = False
-                cells = ["-", "-", "-", "-", f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"]
-            failed += not ok
-            shape = f"{c.b}x{c.hq}/{c.hkv}x{c.lq}x{c.lk}x{c.d}" + (f"/{c.dv}" if c.dv else "")
-            rows.append([c.name, str(dtype).removeprefix("torch."), shape, *cells])
-            print(f"  {c.name} {rows[-1][1]}: {cells[-1]} [{time.perf_counter() - t0:.1f} s]", flush=True)
-    print()
+    with Progress(len(selected) * len(dtypes), "check") as bar:
+        for c in selected:
+            for dtype in dtypes:
+                t0 = time.perf_counter()
+                ok, cells = _check_one(c, dtype, device, gen)
+                failed += not ok
+                shape = f"{c.b}x{c.hq}/{c.hkv}x{c.lq}x{c.lk}x{c.d}" + (f"/{c.dv}" if c.dv else "")
+                rows.append([c.name, str(dtype).removeprefix("torch."), shape, *cells])
+                bar.log(f"  {c.name} {rows[-1][1]}: {cells[-1]} [{time.perf_counter() - t0:.1f} s]")
+                bar.advance()
     headers = ["case", "dtype", "B x Hq/Hkv x Lq x Lk x D", "out err", "torch out err", "grad err",
                "torch grad err", "result"]
-    print(peers.format_table(headers, rows))
+    table(headers, rows)
     print(f"\ncheck: {len(rows) - failed}/{len(rows)} passed" + (f", {failed} FAILED" if failed else ""),
           flush=True)
     return 1 if failed else 0
 
 
-# --- bench --------------------------------------------------------------------------------------
-
-def run_bench(mode: str = "infoscale") -> int:
+def _check_one(c: Case, dtype, device: str, gen) -> tuple[bool, list[str]]:
+    """(passed, table cells): output and gradients of case ``c`` in ``dtype`` against float64."""
     import torch
 
-    from infoscale_triton import peers
+    from infoscale_triton import peers, reference, scaled_dot_product_attention
+
+    q, k, v, kw = _inputs(c, dtype, device, gen)
+    dout = torch.randn(c.b, c.hq, c.lq, c.dv or c.d, generator=gen, dtype=torch.float64).to(device)
+    try:
+        out, grads = _with_grads(scaled_dot_product_attention, q, k, v, kw, dout)
+        ref, ref_grads = _with_grads(reference.scaled_dot_product_attention, q.double(), k.double(),
+                                     v.double(), _cast(kw, torch.float64), dout)
+        low, low_grads = _with_grads(reference.scaled_dot_product_attention, q, k, v,
+                                     _cast(kw, dtype), dout)
+        err, base = peers.rel_err(out, ref), peers.rel_err(low, ref)
+        ok = peers.passes(err, peers.tolerance(base, dtype))
+        # gradients of q, k, v: the worst of the three, each against its own budget
+        g_err = g_base = 0.0
+        for g, r, lo in zip(grads, ref_grads, low_grads):
+            e, e_low = peers.rel_err(g, r), peers.rel_err(lo, r)
+            ok &= peers.passes(e, peers.tolerance(e_low, dtype))
+            g_err, g_base = max(g_err, e), max(g_base, e_low)
+        return ok, [f"{err:.1e}", f"{base:.1e}", f"{g_err:.1e}", f"{g_base:.1e}", "ok" if ok else "FAIL"]
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
+        return False, ["-", "-", "-", "-", f"FAIL ({type(e).__name__}: {str(e).splitlines()[0][:80]})"]
+
+
+# --- bench, info, plot -------------------------------------------------------------------------
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The peer benchmark of infoscale_triton/bench.py on the grid of ``args``, then its plots."""
+    import torch
+
+    from infoscale_triton import bench
 
     gpu = torch.cuda.is_available() and not _interpreting()
-    if gpu:
-        providers = ["ours", "sdpa_cudnn", "sdpa_flash", "flex"]
-        b, h, n, d, dtype = 4, 16, 4096, 128, torch.bfloat16
-        note = f"{torch.cuda.get_device_name(0)}, bf16, triton.testing.do_bench median"
-    else:
-        providers = ["ours", "eager"]
-        b, h, n, d, dtype = 1, 2, 128, 64, torch.float32
-        note = ("Triton INTERPRETER on CPU vs the PyTorch reference, float32, host clock.\n"
-                "  These numbers say nothing about GPU speed: run `python -m infoscale_triton bench` "
-                "on a GPU.")
-    print(f"\nbench ({mode}): B={b} H={h} N={n} D={d}; {note}", flush=True)
-    gen = torch.Generator(device="cuda" if gpu else "cpu").manual_seed(0)
-    device = "cuda" if gpu else "cpu"
-    set_bytes = 3 * b * h * n * d * torch.finfo(dtype).bits // 8
-    sets = [tuple(torch.randn(b, h, n, d, generator=gen, device=device, dtype=dtype) for _ in range(3))
-            for _ in range(peers.input_sets_needed(set_bytes))]
-    rows = []
-    threads = torch.get_num_threads()
     if not gpu:
-        # the interpreter runs on one thread: so does the reference (and small shared CPUs then avoid
-        # OpenMP stalls, seen at 40 ms per call on a 2-core machine)
-        torch.set_num_threads(1)
-    for causal in (False, True):
-        flops = peers.attention_flops(b, h, n, n, d, causal)
-        ms_ours = float("nan")
-        for name in providers:
-            built = [peers.build(name, *s, causal, mode) for s in sets]
-            bad = next((x.reason for x in built if x.fn is None), "")
-            ms = float("nan") if bad else peers.time_ms([x.fn for x in built], warmup_ms=10, rep_ms=100)
-            del built
-            peers.free_memory()
-            ms_ours = ms if name == "ours" else ms_ours
-            ratio = "-" if name == "ours" else f"{ms / ms_ours:.2f}"  # time ratio = ours/x in TFLOP/s
-            tf = flops / (ms * 1e-3) / 1e12
-            rows.append([int(causal), name, f"{ms:.3f}", f"{tf:.3g}", ratio, bad])
-            print(f"  causal={int(causal)} {name}: {ms:.3f} ms" + (f" ({bad})" if bad else ""), flush=True)
-    torch.set_num_threads(threads)
-    print()
-    print(peers.format_table(["causal", "provider", "ms", "TFLOP/s", "ours/x", "note"], rows))
-    return 0
+        print("bench: no CUDA GPU, so the tiny --smoke grid through the Triton INTERPRETER on CPU, "
+              "ours vs the eager reference; these timings say nothing about GPU speed.", flush=True)
+        args.smoke = True
+    if args.providers is None:
+        args.providers = GPU_PROVIDERS if gpu else CPU_PROVIDERS
+    code, records, meta, json_path = bench.run(bench.finish_args(args), name="bench")
+    if records and not args.plots:
+        print("plots skipped (--no-plots)")
+    elif records:
+        _plot(records, [meta], args.out, json_path.stem, str(json_path))
+    return code
+
+
+def _plot(records: list[dict], metas: list[dict], out: Path, prefix: str, source: str,
+          providers: Sequence[str] | None = None) -> bool:
+    """Write the PNGs; without matplotlib say how to make them later. False if none was written."""
+    from infoscale_triton import plots
+
+    try:
+        paths = plots.plot_results(records, metas, out, prefix, providers)
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib, or the `cli` extra). "
+              f"Elsewhere: python -m infoscale_triton plot {source} --out DIR", flush=True)
+        return False
+    print("plots: " + (", ".join(str(p) for p in paths) if paths else "none (no records)"), flush=True)
+    return bool(paths)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from infoscale_triton import plots
+
+    try:
+        records, metas = plots.load_results(args.results)
+    except (OSError, ValueError) as e:
+        print(f"plot: {e}", file=sys.stderr)
+        return 2
+    out = args.out or args.results[0].parent
+    prefix = args.prefix or (args.results[0].stem if len(args.results) == 1 else "attention")
+    source = " ".join(map(str, args.results))
+    return 0 if _plot(records, metas, out, prefix, source, args.providers) else 1
 
 
 # --- entry point --------------------------------------------------------------------------------
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m infoscale_triton", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command")
@@ -264,9 +294,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32"],
                      help="default: bfloat16 float16 on a GPU; float16 float32 on CPU (the "
                           "interpreter's bf16 dot is wrong)")
-    bn = sub.add_parser("bench", help="a short speed table: ours vs sdpa_cudnn / sdpa_flash / flex")
-    bn.add_argument("--mode", choices=["infoscale", "cos"], default="infoscale")
+    chk.add_argument("--cases", nargs="+", metavar="TEXT",
+                     help="only the cases whose name contains one of these (case-insensitive), e.g. logn")
+
+    from infoscale_triton import bench, peers
+
+    bn = sub.add_parser("bench", help="ours vs cuDNN / FlashAttention-2 SDPA and flex over a grid: table, "
+                                      "JSON, CSV, PNG plots", description=BENCH_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_arguments(bn, out=DEFAULT_OUT, long_default="off",
+                        providers_default=f"{' '.join(GPU_PROVIDERS)} on a GPU, {' '.join(CPU_PROVIDERS)} on CPU")
+    bn.set_defaults(long=False)
+    bn.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                    help="write PNG plots next to the JSON (needs matplotlib; default on)")
+    sub.add_parser("info", help="versions, GPU, and which paths and peers run here (tiny probes)")
+    pl = sub.add_parser("plot", help="PNG plots from existing results JSON (bench_attention_*.json)")
+    pl.add_argument("results", type=Path, nargs="+",
+                    help="results JSON files; where several measured the same point, the last one wins")
+    pl.add_argument("--out", type=Path, default=None, help="directory for the PNGs (default: the first "
+                                                           "JSON's directory)")
+    pl.add_argument("--prefix", default=None, help="file name prefix (default: the JSON's name, or "
+                                                    "'attention' for several files)")
+    pl.add_argument("--providers", nargs="+", choices=list(peers.PROVIDERS), metavar="P",
+                    help="only these providers' bars")
+    return ap
+
+
+BENCH_HELP = """The peer benchmark of infoscale_triton/bench.py (also benchmarks/bench_attention.py): every
+provider on the same inputs, output and gradients checked against the float64 reference, then timed
+(triton.testing.do_bench median); TFLOP/s tables with ours/x ratios, JSON + CSV + PNG plots under --out.
+Grid: D in {64, 128}, N in {1024, 4096, 16384}, B*N = 16384 tokens, H*D = 2048, causal and not, modes
+infoscale and cos, passes fwd and fwd_bwd. Without a GPU: the --smoke grid through the interpreter."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = _parser()
     args = ap.parse_args(argv)  # before any re-run, so that --help and errors cost nothing
+    if args.command == "plot":  # no kernels: no backend to choose
+        return run_plot(args)
 
     code = _ensure_backend(argv)
     if code is not None:
@@ -277,12 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         why = "TRITON_INTERPRET is set" if torch.cuda.is_available() else "no CUDA GPU found"
         print(f"{why}: running the kernels in Triton's INTERPRETER on CPU (TRITON_INTERPRET=1), at small "
               "sizes, in float16/float32.", flush=True)
-    status = 0
-    if args.command in (None, "check"):
-        status = run_check(getattr(args, "dtypes", None))
-    if args.command in (None, "bench"):
-        run_bench(getattr(args, "mode", "infoscale"))
-    return status
+    if args.command == "info":
+        from infoscale_triton.info import run_info
+
+        return run_info()
+    if args.command == "check":
+        return run_check(args.dtypes, args.cases)
+    if args.command == "bench":
+        return run_bench(args)
+    # the main job: everything checked, then the quick grid of the benchmark
+    status = run_check()
+    return run_bench(ap.parse_args(["bench", "--quick"])) or status
 
 
 if __name__ == "__main__":

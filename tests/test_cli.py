@@ -1,0 +1,162 @@
+"""The command line, ``python -m infoscale_triton``: every subcommand at tiny sizes (on the CPU through
+Triton's interpreter), the shared benchmark script, and the plots from a results file."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from infoscale_triton import __main__ as cli
+from infoscale_triton import plots
+
+REPO = Path(__file__).resolve().parent.parent
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def _env() -> dict[str, str]:
+    """This checkout first on the path; no TRITON_INTERPRET, so that the command picks the backend
+    itself (on CPU: by re-running itself with the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_info() -> None:
+    out = subprocess.run([sys.executable, "-m", "infoscale_triton", "info"], capture_output=True, text=True,
+                         env=_env(), timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for name in cli_paths():
+        line = next(x for x in out.stdout.splitlines() if x.startswith(name))
+        assert " ok " in line, line
+    for text in ("torch", "triton", "python", "sdpa_cudnn", "flex"):
+        assert text in out.stdout
+    if not torch.cuda.is_available():
+        assert "INTERPRETER" in out.stdout
+
+
+def cli_paths() -> list[str]:
+    from infoscale_triton.info import PATHS
+
+    return list(PATHS)
+
+
+def test_check_one_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check", "--cases", "logn", "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "logn, causal" in out and "check: 1/1 passed" in out
+
+
+def test_check_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["check", "--cases", "no such case"]) == 2
+    assert "logn, causal" in capsys.readouterr().err  # lists the cases there are
+
+
+def test_main_job_is_check_then_quick_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(cli, "run_check", lambda *a: calls.append("check") or 0)
+    monkeypatch.setattr(cli, "run_bench", lambda args: calls.append(("bench", args.quick, args.plots)) or 0)
+    assert cli.main([]) == 0
+    assert calls == ["check", ("bench", True, True)]
+
+
+def test_bench_writes_json_csv_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", "--smoke", "--n", "64", "--modes", "infoscale", "--providers", "ours", "eager",
+            "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "ours/eager" in out  # the ratio column of the table
+    (json_path,) = tmp_path.glob("bench_attention_*.json")
+    (csv_path,) = tmp_path.glob("bench_attention_*.csv")
+    data = json.loads(json_path.read_text())
+    records = data["results"]
+    # 2 (causal) x 2 providers x 2 passes at D=64, N=64
+    assert sorted((r["provider"], r["pass"], r["causal"]) for r in records) == sorted(
+        (p, s, c) for p in ("ours", "eager") for s in ("fwd", "fwd_bwd") for c in (0, 1))
+    assert all(r["check"] == "ok" and r["tflops"] > 0 and (r["D"], r["N"]) == (64, 64) for r in records)
+    assert data["meta"]["interpreter"] == (not torch.cuda.is_available())
+    with open(csv_path) as f:
+        assert len(list(csv.DictReader(f))) == len(records)
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    if not HAVE_MATPLOTLIB:  # e.g. a GPU image with only torch, triton and numpy
+        assert not pngs and "matplotlib is not installed" in out
+        return
+    assert pngs == [f"{json_path.stem}_fwd_bwd_infoscale_d64.png", f"{json_path.stem}_fwd_infoscale_d64.png"]
+
+
+def test_bench_script_without_rich_or_matplotlib(tmp_path: Path) -> None:
+    """benchmarks/bench_attention.py (the same code) on a machine with only torch, triton and numpy:
+    plain tables, results written."""
+    script = REPO / "benchmarks" / "bench_attention.py"
+    argv = [str(script), "--smoke", "--n", "64", "--causal", "1", "--modes", "cos", "--passes", "fwd",
+            "--providers", "ours", "--out", str(tmp_path)]
+    code = ("import runpy, sys; sys.modules.update(rich=None, matplotlib=None); "
+            f"sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "--  --  ------" in out.stdout  # peers.format_table's rule: the plain table
+    (json_path,) = tmp_path.glob("bench_attention_*.json")
+    assert [r["check"] for r in json.loads(json_path.read_text())["results"]] == ["ok"]
+
+
+def _record(provider: str, pass_: str, n: int, causal: int, tflops: float | None, **kw: object) -> dict:
+    rec = {"row": "grid", "mode": "infoscale", "provider": provider, "pass": pass_, "D": 128, "N": n,
+           "B": 16384 // n, "H": 16, "causal": causal, "dtype": "bfloat16", "check": "ok", "reason": "",
+           "tflops": tflops, "ms": None if tflops is None else 1.0}
+    return rec | kw
+
+
+def _results(path: Path, records: list[dict]) -> Path:
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "timestamp": "2026-11-24T19:47:44+00:00", "interpreter": False}
+    path.write_text(json.dumps({"meta": meta, "results": records}))
+    return path
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed (the cli / test extra)")
+def test_plot_from_results_json(tmp_path: Path) -> None:
+    records = [_record(p, s, n, c, 100.0 + 50 * i + n / 100)
+               for i, p in enumerate(("ours", "sdpa_cudnn", "sdpa_flash", "flex"))
+               for s in ("fwd", "fwd_bwd") for n in (1024, 4096) for c in (0, 1)]
+    records += [_record("eager", "fwd", 1024, 0, 9.0),
+                _record("eager", "fwd", 4096, 0, None, reason="out of memory"),
+                _record("ours", "fwd", 131072, 1, 420.0, row="long", B=1),
+                _record("sdpa_flash", "fwd", 131072, 1, 300.0, row="long", B=1, check="FAIL")]
+    first = _results(tmp_path / "a.json", records)
+    # a later file replaces what it measured again
+    second = _results(tmp_path / "b.json", [_record("ours", "fwd", 1024, 0, 999.0)])
+    merged, metas = plots.load_results([first, second])
+    assert len(merged) == len(records) and len(metas) == 2
+    assert next(r["tflops"] for r in merged if (r["provider"], r["pass"], r["N"], r["causal"]) ==
+                ("ours", "fwd", 1024, 0)) == 999.0
+
+    assert cli.main(["plot", str(first), str(second), "--out", str(tmp_path / "png")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "png").glob("*.png"))
+    assert pngs == ["attention_fwd_bwd_infoscale_d128.png", "attention_fwd_infoscale_d128.png"]
+    assert (tmp_path / "png" / pngs[0]).stat().st_size > 10_000
+    # one file, some providers: named after the file, next to it
+    assert cli.main(["plot", str(first), "--providers", "ours", "sdpa_cudnn"]) == 0
+    assert (tmp_path / "a_fwd_infoscale_d128.png").exists()
+
+
+def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    path = _results(tmp_path / "a.json", [_record("ours", "fwd", 1024, 0, 100.0)])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    assert cli.main(["plot", str(path)]) == 1
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_plot_rejects_other_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "decode.json"
+    path.write_text(json.dumps({"meta": {}, "results": [{"provider": "ours", "ms": 1.0}]}))
+    assert cli.main(["plot", str(path)]) == 2
+    assert "not an attention benchmark results file" in capsys.readouterr().err
