@@ -71,7 +71,9 @@ def attention_backward(
         dk.zero_()
         dv.zero_()
     temp_grad = temperature is not None and temperature_grad
-    dt = torch.empty_like(delta) if temp_grad else delta
+    # packed sequences: tokens past cu_seqlens_q[-1] get no program, and their dt is summed where the
+    # temperature broadcasts over tokens
+    dt = (torch.zeros_like(delta) if p.varlen else torch.empty_like(delta)) if temp_grad else delta
     dkdv_cfg, dq_cfg = CONFIG_OVERRIDE or bwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(),
                                                      interpreter_active())
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

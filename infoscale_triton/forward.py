@@ -227,9 +227,12 @@ def new_output(p: Problem, dtype: torch.dtype, device: torch.device) -> torch.Te
 
 def new_row_stats(p: Problem, device: torch.device) -> torch.Tensor:
     """Row statistics for the backward, float32: the log-sum-exp in base 2 (1, B, Hq, Lq); under an
-    additive mask two planes, the row max and log2 of the row sum (kernels/attention_fwd.py: why)."""
+    additive mask two planes, the row max and log2 of the row sum (kernels/attention_fwd.py: why).
+    Zeroed for packed sequences, whose tokens past cu_seqlens_q[-1] get no program (an operator's
+    output must not depend on what the memory held)."""
     planes = 2 if p.attn_mask is not None and p.attn_mask.dtype != torch.bool else 1
-    return torch.empty(planes, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
+    alloc = torch.zeros if p.varlen else torch.empty
+    return alloc(planes, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
 
 
 def attention_forward(
