@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .autograd import FusedAttention
-from .decode import MAX_QUERY_ROWS, decode_forward
+from . import ops
+from .decode import MAX_QUERY_ROWS
 from .dropout import draw_seed
-from .forward import attention_forward
 from .validation import Problem, check_inputs
 
 # From this many keys on, inference calls with at most MAX_QUERY_ROWS query rows use the decode kernel.
@@ -108,17 +105,11 @@ def scaled_dot_product_attention(
         # a learned additive bias would silently get no gradient
         raise NotImplementedError("attn_mask requires grad: gradients for the mask are not supported; "
                                   "pass attn_mask.detach() or use infoscale_triton.reference")
-    # Triton launches on the current device: make it the inputs' one (and the scratch allocator's)
-    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with on_device:
-        # drawn first, before anything else random (dropout.py: how to get this call's mask)
-        seed = draw_seed(query.device) if p.dropout_p > 0 else None
-        if needs_grad:
-            return FusedAttention.apply(query, key, value, p.temperature_tensor, p, seed)
-        if decodes(p, key, value):
-            return decode_forward(query, key, value, p.kv_lengths, p)
-        out, _ = attention_forward(query, key, value, p, seed=seed)
-    return out
+    # drawn first, before anything else random (dropout.py: how to get this call's mask)
+    seed = draw_seed(query.device) if p.dropout_p > 0 else None
+    if not needs_grad and decodes(p, key, value):
+        return ops.decode(query, key, value, p)
+    return ops.attention(query, key, value, p, seed)
 
 
 def decodes(p: Problem, key: torch.Tensor, value: torch.Tensor) -> bool:

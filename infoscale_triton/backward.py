@@ -29,9 +29,12 @@ def attention_backward(
     unit_key: torch.Tensor | None = None,
     key_inv: torch.Tensor | None = None,
     seed: torch.Tensor | None = None,
+    *,
+    temperature_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients (dq, dk, dv, dt) of the forward that produced ``out`` and ``lse``; ``dt`` (the gradient
-    of a tensor temperature, in the temperature's own shape) is None for other temperatures. Under
+    of a tensor temperature, in the temperature's own shape) is None unless ``temperature_grad`` (asked
+    for explicitly: inside an operator the temperature's requires_grad is not the caller's). Under
     CosScale, ``unit_key``/``key_inv`` are forward.kernel_key's result (recomputed if not given). With
     dropout, ``seed`` must be the forward's (it regenerates the same mask)."""
     _ensure_allocator()
@@ -67,8 +70,10 @@ def attention_backward(
         dq.zero_()
         dk.zero_()
         dv.zero_()
-    temp_grad = temperature is not None and temperature.requires_grad
-    dt = torch.empty_like(delta) if temp_grad else delta
+    temp_grad = temperature is not None and temperature_grad
+    # packed sequences: tokens past cu_seqlens_q[-1] get no program, and their dt is summed where the
+    # temperature broadcasts over tokens
+    dt = (torch.zeros_like(delta) if p.varlen else torch.empty_like(delta)) if temp_grad else delta
     dkdv_cfg, dq_cfg = CONFIG_OVERRIDE or bwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(),
                                                      interpreter_active())
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

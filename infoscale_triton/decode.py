@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import numbers
 
 import torch
 import triton
 
+from . import ops
 from .forward import LOG2E, _ensure_allocator, _tma_ready, launch_options
 from .kernels.attention_decode import decode_combine_kernel, decode_config, decode_split_kernel
 from .validation import Problem, check_inputs, interpreter_active
@@ -84,9 +84,7 @@ def decode_attention(
     p = check_decode_inputs(query, key_cache, value_cache, kv_lengths, is_causal, scale, temperature,
                             train_len, cos_scale, num_splits)
     refuse_grad(query=query, key_cache=key_cache, value_cache=value_cache, temperature=temperature)
-    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with on_device:
-        return decode_forward(query, key_cache, value_cache, kv_lengths, p, num_splits)
+    return ops.decode(query, key_cache, value_cache, p, num_splits)
 
 
 def refuse_grad(**tensors: object) -> None:

@@ -216,6 +216,25 @@ def kernel_key(key: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tenso
     return unit_rows(key) if p.cos_scale is not None else (key, None)
 
 
+def new_output(p: Problem, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The forward's output (B, Hq, Lq, Dv): contiguous, or for packed sequences token-major like the
+    packed inputs and zeroed (tokens of no sequence, past cu_seqlens_q[-1], get zeros). ops.py's fake
+    forward allocates it here too, so that compiled graphs see the real strides."""
+    if p.varlen:
+        return torch.zeros(p.batch, p.lq, p.heads_q, p.head_dim_v, dtype=dtype, device=device).transpose(1, 2)
+    return torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=dtype, device=device)
+
+
+def new_row_stats(p: Problem, device: torch.device) -> torch.Tensor:
+    """Row statistics for the backward, float32: the log-sum-exp in base 2 (1, B, Hq, Lq); under an
+    additive mask two planes, the row max and log2 of the row sum (kernels/attention_fwd.py: why).
+    Zeroed for packed sequences, whose tokens past cu_seqlens_q[-1] get no program (an operator's
+    output must not depend on what the memory held)."""
+    planes = 2 if p.attn_mask is not None and p.attn_mask.dtype != torch.bool else 1
+    alloc = torch.zeros if p.varlen else torch.empty
+    return alloc(planes, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
+
+
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None,
     unit_key: torch.Tensor | None = None, seed: torch.Tensor | None = None,
@@ -226,7 +245,7 @@ def attention_forward(
     that see no key), or under an additive mask (2, B, Hq, Lq), the row max and log2 of the row sum.
     ``out``, if given, is written in place (tests pass a NaN-poisoned one to catch unwritten elements).
     Under CosScale,
-    ``unit_key`` is kernel_key's result if the caller already has it (the autograd forward keeps it for
+    ``unit_key`` is kernel_key's result if the caller already has it (the attention operator keeps it for
     the backward). With ``p.dropout_p > 0``, ``seed`` (dropout.draw_seed) picks the dropout mask; the
     log-sum-exp is that of the undropped probabilities. ``entropy``, if given ((2, B, Hq, Lq) float32),
     receives each row's attention entropy in nats and its largest probability (undropped; 0 and 0 for
@@ -235,16 +254,8 @@ def attention_forward(
     if p.cos_scale is not None:
         key = unit_key if unit_key is not None else kernel_key(key, p)[0]
     q, k, v = (_tma_operand(t) for t in (query, key, value))
-    device = q.device
-    if out is None:
-        out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
-        if p.varlen:
-            # token-major like the packed inputs; tokens of no sequence (past cu_seqlens_q[-1]) get zeros
-            out = torch.zeros(p.batch, p.lq, p.heads_q, p.head_dim_v, dtype=q.dtype, device=device).transpose(1, 2)
-    # row statistics for the backward: the log-sum-exp in base 2 (B, Hq, Lq); under an additive mask
-    # two planes, the row max and log2 of the row sum (kernels/attention_fwd.py: why)
-    planes = 2 if p.attn_mask is not None and p.attn_mask.dtype != torch.bool else 1
-    lse = torch.empty(planes, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
+    out = new_output(p, q.dtype, q.device) if out is None else out
+    lse = new_row_stats(p, q.device)
     opt = launch_options(p, q.dtype, lse)
     seed, dropout_p, dropout_scale = dropout_args(p, seed, lse)
     args = (

@@ -39,6 +39,11 @@ class TemperatureSpec:
         return cls(kind, clipped)
 
     @property
+    def name(self) -> str:
+        """The string it was parsed from."""
+        return self.kind + ("_clipped" if self.clipped else "")
+
+    @property
     def mode(self) -> int:
         return MODE_INFOSCALE if self.kind == "infoscale" else MODE_LOGN
 

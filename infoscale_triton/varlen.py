@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import numbers
 
 import torch
 
-from .autograd import FusedAttention
+from . import ops
 from .dropout import draw_seed
-from .forward import attention_forward
 from .validation import _broadcastable, _shape, check_inputs, check_lengths
 
 
@@ -47,7 +45,7 @@ def varlen_attention(
         max_seqlen_q, max_seqlen_k: the longest query / key sequence. Give them to keep the call free of
             host synchronisation (CUDA-graph capturable); they must not be smaller than any length (as
             with FlashAttention, this is not checked: rows past them are not computed). None reads them
-            from the offsets (one synchronisation).
+            from the offsets (one synchronisation; a graph break under ``torch.compile``).
         dropout_p, is_causal, scale, window, temperature, train_len, cos_scale: as in
             :func:`infoscale_triton.scaled_dot_product_attention`. A tensor ``temperature`` broadcasts
             to ``(Tq, Hq)``.
@@ -74,16 +72,8 @@ def varlen_attention(
     p = check_inputs(q4, k4, v4, None, dropout_p, is_causal, scale, heads_q != heads_kv, temp4, train_len,
                      cos_scale, kernel=True, window=window)
     p = dataclasses.replace(p, **_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.device))
-    on_device = torch.cuda.device(query.device) if query.is_cuda else contextlib.nullcontext()
-    with on_device:
-        seed = draw_seed(query.device) if p.dropout_p > 0 else None
-        needs_grad = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (query, key, value, temperature))
-        if needs_grad:
-            out4 = FusedAttention.apply(q4, k4, v4, p.temperature_tensor, p, seed)
-        else:
-            out4, _ = attention_forward(q4, k4, v4, p, seed=seed)
-    return out4[0].transpose(0, 1)
+    seed = draw_seed(query.device) if p.dropout_p > 0 else None
+    return ops.attention(q4, k4, v4, p, seed)[0].transpose(0, 1)
 
 
 def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, device: torch.device) -> dict:

@@ -389,7 +389,8 @@ def kernel_grads_with_float32_output(query: torch.Tensor, key: torch.Tensor, val
     _, lse = attention_forward(query, key, value, p)
     fwd_opts = dict(opts, temperature=temperature.detach()) if isinstance(temperature, torch.Tensor) else opts
     out32 = reference_in(torch.float64, query, key, value, **fwd_opts).to(torch.float32)
-    dq, dk, dv, dt = attention_backward(query, key, value, out32, lse, dout, p)
+    temp_grad = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    dq, dk, dv, dt = attention_backward(query, key, value, out32, lse, dout, p, temperature_grad=temp_grad)
     return {"query": dq, "key": dk, "value": dv, "temperature": dt}
 
 

@@ -417,7 +417,7 @@ def test_dense_function_routes_decoding(monkeypatch: pytest.MonkeyPatch, lq: int
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("infoscale_triton.attention.decode_forward", spy)
+    monkeypatch.setattr("infoscale_triton.decode.decode_forward", spy)  # ops.decode_fwd calls it
     if grad:
         q.requires_grad_()
     opts = dict(is_causal=True, enable_gqa=True, kv_lengths=kv, temperature="infoscale", train_len=64)

@@ -11,8 +11,7 @@ import torch
 from helpers import DEVICE, DTYPES, ON_GPU, assert_matches_reference, make_mask, make_qkv
 
 import infoscale_triton
-from infoscale_triton import reference
-from infoscale_triton.autograd import FusedAttention
+from infoscale_triton import ops, reference
 from infoscale_triton.dropout import draw_seed, dropout_mask
 from infoscale_triton.forward import attention_forward
 from infoscale_triton.validation import Problem, check_inputs
@@ -113,14 +112,14 @@ def _problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, opts: dict) -> P
 
 
 def _check_gradients(case: tuple, b: int, tol: float) -> None:
-    """Output and gradients of FusedAttention (explicit seed) against autograd through the float64
-    reference given the kernels' mask for that seed."""
+    """Output and gradients of the attention operator (explicit seed) against autograd through the
+    float64 reference given the kernels' mask for that seed."""
     hq, hkv, lq, lk, d, dv = case[:6]
     q, k, v = (x.requires_grad_(True) for x in make_qkv(b, hq, hkv, lq, lk, d, dv, torch.float32))
     opts, temp = _problem_opts(case, b)
     p = _problem(q, k, v, opts)
     seed = draw_seed(DEVICE)
-    out = FusedAttention.apply(q, k, v, temp, p, seed)
+    out = ops.attention(q, k, v, p, seed)
     dout = torch.randn_like(out)
     fused_leaves = [q, k, v] + ([temp] if temp is not None else [])
     got = torch.autograd.grad(out, fused_leaves, dout)

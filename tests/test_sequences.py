@@ -258,11 +258,13 @@ def test_varlen(dtype: torch.dtype, is_causal: bool, window: tuple[int, int] | N
     assert_within_budget(fused[0], dense, low[0].double(), dtype, "varlen vs explicit block mask: ")
 
 
-def test_varlen_tensor_temperature_and_cos() -> None:
-    """A (Tq, Hq) tensor temperature (with its gradient) and CosScale on packed sequences."""
+@pytest.mark.parametrize("per_token", [True, False], ids=["tokens_heads", "heads"])
+def test_varlen_tensor_temperature_and_cos(per_token: bool) -> None:
+    """A (Tq, Hq) or (Hq,) tensor temperature (with its gradient: summed over the tokens for the
+    latter, where the 2 tokens past cu_seqlens_q[-1] must add nothing) and CosScale on packed sequences."""
     lq = lk = torch.tensor([5, 0, 33, 1, 20])
-    q, k, v, cu_q, cu_k = make_packed(lq, lk, 2, 2, 32, 32, torch.float32)
-    temp = (torch.rand(q.shape[0], 2, device=DEVICE) + 0.5).requires_grad_()
+    q, k, v, cu_q, cu_k = make_packed(lq, lk, 2, 2, 32, 32, torch.float32, spare=2)
+    temp = (torch.rand(*((q.shape[0],) if per_token else ()), 2, device=DEVICE) + 0.5).requires_grad_()
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     out = infoscale_triton.varlen_attention(*leaves, cu_q, cu_k, 33, 33, is_causal=True, temperature=temp,
                                             cos_scale=16.0)
