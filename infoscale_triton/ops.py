@@ -24,6 +24,8 @@ from .validation import Problem
 # Problem's options come in the operators' argument order (_flatten): its 5 tensors, then its scalars.
 TENSOR_OPTIONS = 5
 TEMPERATURE_ARG = 5  # attention_fwd's arguments: query, key, value, seed, attn_mask, temperature, ...
+# Eager calls skip the operators (_EagerAttention: host cost); tests set this to run them eagerly too.
+OPERATORS_IN_EAGER = False
 
 
 def _flatten(p: Problem) -> tuple:
@@ -164,7 +166,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tenso
     """The fused attention of a validated problem, differentiable in query, key, value and a tensor
     temperature. With dropout, ``seed`` is the call's dropout.draw_seed (drawn by the caller, so that
     the operator is a function of its inputs). Eager calls skip the dispatcher (_EagerAttention)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or OPERATORS_IN_EAGER:
         return attention_fwd(query, key, value, seed, *_flatten(p))[0]
     inputs = (query, key, value, p.temperature_tensor)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -175,7 +177,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tenso
 
 def decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, p: Problem, num_splits: int | None = None) -> Tensor:
     """The split-KV decode of a validated problem (no attn_mask, window or dropout)."""
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or OPERATORS_IN_EAGER):
         from . import decode as decode_module  # (looked up per call: tests spy on it)
 
         with _on_device(query):
