@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import sysconfig
 import time
@@ -338,18 +337,13 @@ def inference_kind(model_name: str, temperature: str, cfg: Config) -> AttentionK
 # ------------------------------------------------------------------------------------------- report
 
 def metadata(device: torch.device) -> dict:
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *cmd], check=False, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+    from infoscale_triton.bench import git
 
     return {"gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else f"none ({platform.machine()})",
             "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
             "python": platform.python_version(), "package_version": infoscale_triton.__version__,
-            "git_commit": git("rev-parse", "HEAD") or None, "argv": sys.argv}
+            "git_commit": git("rev-parse", "HEAD", repo=REPO) or None, "argv": sys.argv}
 
 
 def print_table(results: list[dict], lengths: list[int]) -> None:

@@ -484,14 +484,16 @@ def print_notes(records: list[dict]) -> None:
               "are not finite (err/tol in the JSON)")
 
 
-def metadata(args: argparse.Namespace, started: datetime) -> dict:
-    def git(*cmd: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", str(REPO), *cmd], check=False, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
+def git(*cmd: str, repo: Path | None = None) -> str:
+    """A git command's output in ``repo`` (this checkout by default), "" when git is not there."""
+    try:
+        return subprocess.run(["git", "-C", str(repo or REPO), *cmd], check=False, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
+
+def metadata(args: argparse.Namespace, started: datetime) -> dict:
     cuda = torch.cuda.is_available()
     props = torch.cuda.get_device_properties(0) if cuda else None
     return {
