@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 
@@ -140,19 +141,20 @@ def choose_splits(batch: int, heads_kv: int, row_blocks: int, lk: int, block_n: 
 
 
 def decode_forward(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-    kv_lengths: torch.Tensor | None, p: Problem, num_splits: int | None = None,
-    out: torch.Tensor | None = None,
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, p: Problem,
+    num_splits: int | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the split kernel (and the combine unless there is one split). ``out``, if given, is
-    written in place (tests pass a NaN-poisoned one)."""
+    """Launch the split kernel (and the combine unless there is one split) for the cache lengths
+    ``p.kv_lengths``. ``out``, if given, is written in place (tests pass a NaN-poisoned one)."""
     _ensure_allocator()
     q, k, v = query, key_cache, value_cache
     device, interpret = q.device, interpreter_active()
     if out is None:
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
     dummy = torch.empty(1, dtype=torch.float32, device=device)
-    opt = launch_options(p, q.dtype, dummy)
+    kv_lengths = p.kv_lengths
+    # the split kernel reads kv_lengths itself: no dense key-range tensors to build on this hot path
+    opt = launch_options(dataclasses.replace(p, kv_lengths=None), q.dtype, dummy)
     meta = {name: opt.meta[name] for name in
             ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "COS", "DOT_PREC")}
 

@@ -55,6 +55,23 @@ def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _forward(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tensor | None) -> tuple:
+    """(out, row stats, unit K, 1/||k||); the last two are None without CosScale."""
+    with _on_device(query):
+        unit_key, key_inv = kernel_key(key, p)
+        out, lse = attention_forward(query, key, value, p, unit_key=unit_key, seed=seed)
+    return out, lse, unit_key, key_inv
+
+
+def _backward_grads(dout: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+                    key_inv: Tensor | None, seed: Tensor | None, p: Problem, temperature_grad: bool) -> tuple:
+    """(dq, dk, dv, dt) of _forward's call; ``key`` is the unit K under CosScale (``key_inv`` given)."""
+    with _on_device(query):
+        return attention_backward(query, key, value, out, lse, dout, p,
+                                  unit_key=key if key_inv is not None else None, key_inv=key_inv, seed=seed,
+                                  temperature_grad=temperature_grad)
+
+
 @torch.library.custom_op("infoscale_triton::attention_fwd", mutates_args=())
 def attention_fwd(
     query: Tensor, key: Tensor, value: Tensor, seed: Tensor | None,
@@ -68,9 +85,7 @@ def attention_fwd(
     p = _problem(query, key, value, attn_mask, temperature, kv_lengths, cu_seqlens_q, cu_seqlens_k, dropout_p,
                  is_causal, scale, temperature_kind, train_len, cos_scale, window_left, window_right,
                  max_seqlen_q, max_seqlen_k)
-    with _on_device(query):
-        unit_key, key_inv = kernel_key(key, p)
-        out, lse = attention_forward(query, key, value, p, unit_key=unit_key, seed=seed)
+    out, lse, unit_key, key_inv = _forward(query, key, value, p, seed)
     if key_inv is None:
         return out, lse, key.new_empty(0), lse.new_empty(0)
     return out, lse, unit_key, key_inv
@@ -101,10 +116,7 @@ def attention_bwd(
     p = _problem(query, key, value, attn_mask, temperature, kv_lengths, cu_seqlens_q, cu_seqlens_k, dropout_p,
                  is_causal, scale, temperature_kind, train_len, cos_scale, window_left, window_right,
                  max_seqlen_q, max_seqlen_k)
-    with _on_device(query):
-        dq, dk, dv, dt = attention_backward(query, key, value, out, lse, dout, p,
-                                            unit_key=key if key_inv is not None else None, key_inv=key_inv,
-                                            seed=seed, temperature_grad=temperature_grad)
+    dq, dk, dv, dt = _backward_grads(dout, query, key, value, out, lse, key_inv, seed, p, temperature_grad)
     return dq, dk, dv, dt if dt is not None else query.new_empty(0)
 
 
@@ -153,7 +165,7 @@ def decode_fwd(
     p = _problem(query, key_cache, value_cache, None, temperature, kv_lengths, None, None, 0.0, is_causal, scale,
                  temperature_kind, train_len, cos_scale, -1, -1, 0, 0)
     with _on_device(query):
-        return decode_forward(query, key_cache, value_cache, kv_lengths, p, num_splits)
+        return decode_forward(query, key_cache, value_cache, p, num_splits)
 
 
 @decode_fwd.register_fake
@@ -181,7 +193,7 @@ def decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, p: Problem, nu
         from . import decode as decode_module  # (looked up per call: tests spy on it)
 
         with _on_device(query):
-            return decode_module.decode_forward(query, key_cache, value_cache, p.kv_lengths, p, num_splits)
+            return decode_module.decode_forward(query, key_cache, value_cache, p, num_splits)
     kind = p.temperature.name if p.temperature is not None else None
     return decode_fwd(query, key_cache, value_cache, p.kv_lengths, p.temperature_tensor, p.is_causal, p.scale,
                       kind, p.train_len, p.cos_scale, num_splits)
@@ -195,9 +207,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, temperature: Tensor | None, p: Problem,
                 seed: Tensor | None) -> Tensor:
-        with _on_device(query):
-            unit_key, key_inv = kernel_key(key, p)
-            out, lse = attention_forward(query, key, value, p, unit_key=unit_key, seed=seed)
+        out, lse, unit_key, key_inv = _forward(query, key, value, p, seed)
         ctx.save_for_backward(query, key if key_inv is None else unit_key, value, out, lse, key_inv, seed)
         ctx.p = p
         return out
@@ -206,8 +216,5 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor) -> tuple:
         query, key, value, out, lse, key_inv, seed = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with _on_device(query):
-            dq, dk, dv, dt = attention_backward(query, key, value, out, lse, dout, ctx.p,
-                                                unit_key=key if key_inv is not None else None, key_inv=key_inv,
-                                                seed=seed, temperature_grad=needs[3])
+        dq, dk, dv, dt = _backward_grads(dout, query, key, value, out, lse, key_inv, seed, ctx.p, needs[3])
         return tuple(g if need else None for g, need in zip((dq, dk, dv, dt), needs[:4])) + (None, None)

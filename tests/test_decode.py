@@ -69,7 +69,7 @@ def run_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: to
     p = check_decode_inputs(q, k, v, kv_lengths, opts["is_causal"], opts.get("scale"), opts.get("temperature"),
                             opts.get("train_len"), opts.get("cos_scale"), num_splits)
     poisoned = torch.full((p.batch, p.heads_q, p.lq, p.head_dim_v), float("nan"), dtype=q.dtype, device=q.device)
-    out = decode_forward(q, k, v, kv_lengths, p, num_splits, out=poisoned)
+    out = decode_forward(q, k, v, p, num_splits, out=poisoned)
     assert out.data_ptr() == poisoned.data_ptr(), "decode_forward did not write into out="
     return out
 
