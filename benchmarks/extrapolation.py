@@ -29,6 +29,7 @@ a closing sentence on whether the paper's ranking (CosScale + InfoScale best at 
   python benchmarks/extrapolation.py                      # H100: ~8 minutes
   python benchmarks/extrapolation.py --train-seconds 90   # shorter
   python benchmarks/extrapolation.py --smoke              # CPU, Triton interpreter, < 1 minute
+  python benchmarks/extrapolation.py --save-checkpoint models.pt   # keep the models for entropy.py
 """
 
 from __future__ import annotations
@@ -209,10 +210,15 @@ class Block(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         # RoPE runs in float32; the kernel wants q, k, v in one dtype (bf16 under autocast)
         q, k = apply_rope(q, rope).to(v.dtype), apply_rope(k, rope).to(v.dtype)
-        out = infoscale_triton.scaled_dot_product_attention(
+        out = self.attend(q, k, v, kind)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: AttentionKind) -> torch.Tensor:
+        """The attention itself, on (B, H, L, d) q, k (after RoPE) and v: a method of its own so that
+        benchmarks/entropy.py can wrap it per layer and read the attention entropy."""
+        return infoscale_triton.scaled_dot_product_attention(
             q, k, v, is_causal=kind.causal, cos_scale=kind.cos_scale, temperature=kind.temperature,
             train_len=kind.train_len)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kind: AttentionKind) -> torch.Tensor:
         x = x + self.attention(self.norm1(x), rope, kind)
@@ -322,6 +328,36 @@ def evaluate(model: Transformer, kind: AttentionKind, inputs: torch.Tensor, targ
         count += keep.sum().item()
     return {"loss": loss_sum / count, "accuracy": correct / count, "predicted_tokens": count,
             "sequences": x.shape[0]}
+
+
+def train_model(model_name: str, cfg: Config, stream: torch.Tensor,
+                total_steps: int | None) -> tuple[Transformer, dict]:
+    """A fresh model of the given attention kind, trained on `stream` (see train), and its report."""
+    torch.manual_seed(cfg.seed)  # the same initial weights for both models
+    model = Transformer(cfg).to(stream.device)
+    kind = inference_kind(model_name, "none", cfg)
+    print(f"training {model_name} ({cfg.objective}, {sum(p.numel() for p in model.parameters())} "
+          f"parameters, cos_scale={kind.cos_scale})", flush=True)
+    return model, train(model, kind, stream, cfg, total_steps)
+
+
+def save_checkpoint(path: Path, cfg: Config, states: dict[str, dict], training: dict) -> None:
+    """Both models' weights (CPU state_dicts by model name) and the Config, as plain data in one file
+    (torch.load(..., weights_only=True) reads it back; load_checkpoint rebuilds the models)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": asdict(cfg), "models": states, "training": training}, path)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> tuple[Config, dict[str, Transformer], dict]:
+    """(Config, {model name: Transformer in eval mode on device}, training report) from save_checkpoint."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    cfg = Config(**ckpt["config"])
+    models = {}
+    for name, state in ckpt["models"].items():
+        models[name] = Transformer(cfg).to(device)
+        models[name].load_state_dict(state)
+        models[name].eval()
+    return cfg, models, ckpt.get("training", {})
 
 
 def inference_kind(model_name: str, temperature: str, cfg: Config) -> AttentionKind:
@@ -436,6 +472,9 @@ def parse_args() -> tuple[Config, argparse.Namespace]:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter, < 1 minute)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--save-checkpoint", type=Path, metavar="PATH",
+                   help="also save both trained models and the Config into this .pt file "
+                        "(benchmarks/entropy.py --checkpoint reads it)")
     a = p.parse_args()
     cfg = Config(objective=a.objective, layers=a.layers, d_model=a.d_model, heads=a.heads, batch=a.batch,
                  lr=a.lr, max_steps=a.max_steps, train_seconds=a.train_seconds, cos_scale=a.cos_scale,
@@ -466,17 +505,15 @@ def main() -> None:
                                                "eval_corruption": cfg.seed + 2},
               "data": data_info, "meta": metadata(device), "training": {}, "results": [], "phases_s": phases}
     total_steps: int | None = None
+    states: dict[str, dict] = {}
     for model_name in MODELS:
-        torch.manual_seed(cfg.seed)  # the same initial weights for both models
-        model = Transformer(cfg).to(device)
-        kind = inference_kind(model_name, "none", cfg)
-        print(f"training {model_name} ({cfg.objective}, {sum(p.numel() for p in model.parameters())} "
-              f"parameters, cos_scale={kind.cos_scale})", flush=True)
         t0 = time.perf_counter()
         # the second model trains for the steps the first one planned: equal work for both
-        report["training"][model_name] = train(model, kind, train_stream, cfg, total_steps)
+        model, report["training"][model_name] = train_model(model_name, cfg, train_stream, total_steps)
         total_steps = total_steps or report["training"][model_name]["steps"]
         phases[f"train_{model_name}"] = time.perf_counter() - t0
+        if args.save_checkpoint:
+            states[model_name] = {k: t.detach().cpu().clone() for k, t in model.state_dict().items()}
 
         t0 = time.perf_counter()
         model.eval()
@@ -490,6 +527,10 @@ def main() -> None:
         json_path.write_text(json.dumps(report, indent=1))  # partial results survive a later failure
         del model
 
+    if args.save_checkpoint:
+        save_checkpoint(args.save_checkpoint, cfg, states, report["training"])
+        report["checkpoint"] = str(args.save_checkpoint)
+        print(f"saved both models to {args.save_checkpoint}")
     print_table(report["results"], cfg.lengths)
     report["verdict"] = verdict(report["results"], cfg)
     report["png"] = png_path.name if plot(report["results"], cfg, png_path) else None
