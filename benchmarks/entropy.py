@@ -104,6 +104,7 @@ class Settings:
     dtype: str = "bfloat16"
     ref_max_length: int = 0  # 0: up to the first out-of-memory (GPU)
     oom_attempt: bool = True
+    random: bool = True
     model: bool = True
     checkpoint: str | None = None
     train_seconds: float = 60.0
@@ -537,6 +538,7 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
     model.add_argument("--checkpoint", type=Path, metavar="PATH",
                        help="the two trained models (benchmarks/extrapolation.py --save-checkpoint PATH)")
     model.add_argument("--no-model", action="store_true", help="random inputs only")
+    p.add_argument("--no-random", action="store_true", help="the trained models only")
     p.add_argument("--train-seconds", type=float, default=d.train_seconds,
                    help="without --checkpoint: training time of each of the two models")
     p.add_argument("--model-tokens", type=int, default=d.model_tokens,
@@ -550,12 +552,14 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
     s = Settings(lengths=lengths, heads=a.heads, head_dims=a.head_dims, train_len=a.train_len,
                  cos_scale=a.cos_scale, temperatures=a.temperatures, last_rows=a.last_rows, seed=a.seed,
                  dtype=dtype, ref_max_length=a.ref_max_length, oom_attempt=not a.no_oom_attempt,
-                 model=not a.no_model, checkpoint=str(a.checkpoint) if a.checkpoint else None,
+                 random=not a.no_random, model=not a.no_model, checkpoint=str(a.checkpoint) if a.checkpoint else None,
                  train_seconds=a.train_seconds, model_tokens=a.model_tokens)
     if a.smoke:
         s = smoke_settings(s)
     if not s.lengths:
         p.error("no length between --min-length and --max-length")
+    if not (s.random or s.model):
+        p.error("--no-random and --no-model leave nothing to run")
     return s, a
 
 
@@ -569,10 +573,10 @@ def main() -> None:
     guard = ReferenceGuard(device, s.ref_max_length, s.oom_attempt)
     phases: dict[str, float] = {}
     report: dict = {"settings": asdict(s), "meta": xp.metadata(device),
-                    "seeds": {f"random_d{d}": s.seed + d for d in s.head_dims},
+                    "seeds": {f"random_d{d}": s.seed + d for d in s.head_dims} if s.random else {},
                     "results": [], "phases_s": phases}
 
-    for head_dim in s.head_dims:
+    for head_dim in s.head_dims if s.random else []:
         t0 = time.perf_counter()
         print(f"random inputs, D = {head_dim}: {len(s.lengths)} lengths x {2 * len(s.temperatures)} methods",
               flush=True)
