@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import ops
 from .decode import MAX_QUERY_ROWS
 from .dropout import draw_seed
 from .validation import Problem, check_inputs
+
+
+
+class AttentionEntropy(NamedTuple):
+    """Per-row statistics of the attention probabilities, returned with ``return_entropy=True``."""
+
+    entropy: torch.Tensor  # H_i = -sum_j p_ij ln p_ij (nats), float32
+    max_prob: torch.Tensor  # max_j p_ij, float32
+
 
 # From this many keys on, inference calls with at most MAX_QUERY_ROWS query rows use the decode kernel.
 DECODE_MIN_KEYS = 1024
@@ -28,7 +39,8 @@ def scaled_dot_product_attention(
     cos_scale: float | None = None,
     kv_lengths: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, AttentionEntropy]:
     r"""Fused attention with an optional per-row logit temperature and cosine (CosScale) logits.
 
     Computes ``softmax(t_i * c * q_i . k_j + bias_ij) @ v`` over the keys row i may attend to, in one
@@ -88,6 +100,15 @@ def scaled_dot_product_attention(
                                           0 1 1 1 0
                                           0 0 1 1 1
 
+        return_entropy: also return :class:`AttentionEntropy`: each row's attention entropy
+            ``H_i = -sum_j p_ij ln p_ij`` (nats) and largest probability ``max_j p_ij``, ``(B, Hq, Lq)``
+            float32 without gradient, computed in the same pass from the running max and sums (no
+            ``Lq x Lk`` matrix; +2% time at 16k tokens). They describe the softmax before dropout; a row
+            that sees no key gives 0 and 0. Such calls never take the decode kernel.
+
+    Returns:
+        The output, or ``(output, AttentionEntropy(entropy, max_prob))`` with ``return_entropy``.
+
     Raises:
         ValueError / TypeError naming the argument for bad input.
 
@@ -106,10 +127,17 @@ def scaled_dot_product_attention(
         raise NotImplementedError("attn_mask requires grad: gradients for the mask are not supported; "
                                   "pass attn_mask.detach() or use infoscale_triton.reference")
     # drawn first, before anything else random (dropout.py: how to get this call's mask)
+    check_flag("return_entropy", return_entropy)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
-    if not needs_grad and decodes(p, key, value):
+    if not needs_grad and not return_entropy and decodes(p, key, value):
         return ops.decode(query, key, value, p)
-    return ops.attention(query, key, value, p, seed)
+    out, stats = ops.attention(query, key, value, p, seed, return_entropy)
+    return (out, AttentionEntropy(stats[0], stats[1])) if return_entropy else out
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def decodes(p: Problem, key: torch.Tensor, value: torch.Tensor) -> bool:

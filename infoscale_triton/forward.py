@@ -235,6 +235,13 @@ def new_row_stats(p: Problem, device: torch.device) -> torch.Tensor:
     return alloc(planes, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
 
 
+def new_entropy_stats(p: Problem, device: torch.device) -> torch.Tensor:
+    """Where the forward writes each row's entropy and largest probability: (2, B, Hq, Lq) float32,
+    zeroed for packed sequences (tokens of no sequence get no program; they read 0 and 0)."""
+    alloc = torch.zeros if p.varlen else torch.empty
+    return alloc(2, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
+
+
 def attention_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None = None,
     unit_key: torch.Tensor | None = None, seed: torch.Tensor | None = None,

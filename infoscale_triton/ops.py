@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .backward import attention_backward
-from .forward import attention_forward, kernel_key, new_output, new_row_stats
+from .forward import attention_forward, kernel_key, new_entropy_stats, new_output, new_row_stats
 from .temperature import TemperatureSpec
 from .validation import Problem
 
@@ -55,12 +55,15 @@ def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tensor | None) -> tuple:
-    """(out, row stats, unit K, 1/||k||); the last two are None without CosScale."""
+def _forward(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tensor | None,
+             with_entropy: bool = False) -> tuple:
+    """(out, row stats, unit K, 1/||k||, entropy stats); unit K and 1/||k|| are None without CosScale,
+    the entropy stats (forward.new_entropy_stats) None unless ``with_entropy``."""
     with _on_device(query):
         unit_key, key_inv = kernel_key(key, p)
-        out, lse = attention_forward(query, key, value, p, unit_key=unit_key, seed=seed)
-    return out, lse, unit_key, key_inv
+        entropy = new_entropy_stats(p, query.device) if with_entropy else None
+        out, lse = attention_forward(query, key, value, p, unit_key=unit_key, seed=seed, entropy=entropy)
+    return out, lse, unit_key, key_inv, entropy
 
 
 def _backward_grads(dout: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
@@ -79,26 +82,32 @@ def attention_fwd(
     cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
     dropout_p: float, is_causal: bool, scale: float, temperature_kind: str | None, train_len: int | None,
     cos_scale: float | None, window_left: int, window_right: int, max_seqlen_q: int, max_seqlen_k: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, row stats, unit K, 1/||k||): the last two are what the backward reads under CosScale, and
-    empty without it (an operator cannot return None)."""
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, row stats, unit K, 1/||k||, entropy stats): unit K and 1/||k|| are what the backward reads
+    under CosScale, and empty without it (an operator cannot return None); the entropy stats are
+    empty unless ``with_entropy``."""
     p = _problem(query, key, value, attn_mask, temperature, kv_lengths, cu_seqlens_q, cu_seqlens_k, dropout_p,
                  is_causal, scale, temperature_kind, train_len, cos_scale, window_left, window_right,
                  max_seqlen_q, max_seqlen_k)
-    out, lse, unit_key, key_inv = _forward(query, key, value, p, seed)
+    out, lse, unit_key, key_inv, entropy = _forward(query, key, value, p, seed, with_entropy)
+    entropy = entropy if entropy is not None else lse.new_empty(0)
     if key_inv is None:
-        return out, lse, key.new_empty(0), lse.new_empty(0)
-    return out, lse, unit_key, key_inv
+        return out, lse, key.new_empty(0), lse.new_empty(0), entropy
+    return out, lse, unit_key, key_inv, entropy
 
 
 @attention_fwd.register_fake
 def _(query: Tensor, key: Tensor, value: Tensor, seed: Tensor | None, *options: object) -> tuple[Tensor, ...]:
+    *options, with_entropy = options
     p = _problem(query, key, value, *options)
     out, lse = new_output(p, query.dtype, query.device), new_row_stats(p, query.device)
+    entropy = new_entropy_stats(p, query.device) if with_entropy else lse.new_empty(0)
     if p.cos_scale is None:
-        return out, lse, key.new_empty(0), lse.new_empty(0)
+        return out, lse, key.new_empty(0), lse.new_empty(0), entropy
     # forward.unit_rows' layouts: contiguous
-    return out, lse, torch.empty_like(key, memory_format=torch.contiguous_format), lse.new_empty(key.shape[:3])
+    return (out, lse, torch.empty_like(key, memory_format=torch.contiguous_format), lse.new_empty(key.shape[:3]),
+            entropy)
 
 
 @torch.library.custom_op("infoscale_triton::attention_bwd", mutates_args=())
@@ -131,8 +140,9 @@ def _(dout: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse:
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    query, key, value, seed, *options = inputs
-    out, lse, unit_key, key_inv = output
+    query, key, value, seed, *options, _with_entropy = inputs
+    out, lse, unit_key, key_inv, entropy = output
+    ctx.mark_non_differentiable(lse, unit_key, key_inv, entropy)
     cos = _problem(query, key, value, *options).cos_scale is not None
     # CosScale: keep the unit K and its inverse norms (the backward reads them, not key); dropout: the
     # seed, so that the backward regenerates the forward's mask
@@ -174,17 +184,21 @@ def _(query: Tensor, key_cache: Tensor, value_cache: Tensor, *options: object) -
     return query.new_empty(b, h, lq, value_cache.shape[3])
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tensor | None) -> Tensor:
+def attention(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tensor | None,
+              with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """The fused attention of a validated problem, differentiable in query, key, value and a tensor
-    temperature. With dropout, ``seed`` is the call's dropout.draw_seed (drawn by the caller, so that
-    the operator is a function of its inputs). Eager calls skip the dispatcher (_EagerAttention)."""
+    temperature: (out, entropy stats), the latter (2, B, Hq, Lq) float32 (each row's entropy and
+    largest probability, no gradient) if ``with_entropy``, else None. With dropout, ``seed`` is the
+    call's dropout.draw_seed (drawn by the caller, so that the operator is a function of its inputs).
+    Eager calls skip the dispatcher (_EagerAttention)."""
     if torch.compiler.is_compiling() or OPERATORS_IN_EAGER:
-        return attention_fwd(query, key, value, seed, *_flatten(p))[0]
+        outputs = attention_fwd(query, key, value, seed, *_flatten(p), with_entropy)
+        return outputs[0], outputs[4] if with_entropy else None
     inputs = (query, key, value, p.temperature_tensor)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _EagerAttention.apply(*inputs, p, seed)
-    with _on_device(query):
-        return attention_forward(query, key, value, p, seed=seed)[0]
+        return _EagerAttention.apply(*inputs, p, seed, with_entropy)
+    out, _lse, _unit_key, _key_inv, entropy = _forward(query, key, value, p, seed, with_entropy)
+    return out, entropy
 
 
 def decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, p: Problem, num_splits: int | None = None) -> Tensor:
@@ -206,15 +220,17 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: Tensor, key: Tensor, value: Tensor, temperature: Tensor | None, p: Problem,
-                seed: Tensor | None) -> Tensor:
-        out, lse, unit_key, key_inv = _forward(query, key, value, p, seed)
+                seed: Tensor | None, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        out, lse, unit_key, key_inv, entropy = _forward(query, key, value, p, seed, with_entropy)
         ctx.save_for_backward(query, key if key_inv is None else unit_key, value, out, lse, key_inv, seed)
         ctx.p = p
-        return out
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple:
+    def backward(ctx, dout: Tensor, _dentropy: Tensor | None) -> tuple:
         query, key, value, out, lse, key_inv, seed = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dq, dk, dv, dt = _backward_grads(dout, query, key, value, out, lse, key_inv, seed, ctx.p, needs[3])
-        return tuple(g if need else None for g, need in zip((dq, dk, dv, dt), needs[:4])) + (None, None)
+        return tuple(g if need else None for g, need in zip((dq, dk, dv, dt), needs[:4])) + (None, None, None)

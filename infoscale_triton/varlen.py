@@ -8,6 +8,7 @@ import numbers
 import torch
 
 from . import ops
+from .attention import AttentionEntropy, check_flag
 from .dropout import draw_seed
 from .validation import _broadcastable, _shape, check_inputs, check_lengths
 
@@ -28,7 +29,8 @@ def varlen_attention(
     temperature: str | torch.Tensor | None = None,
     train_len: int | None = None,
     cos_scale: float | None = None,
-) -> torch.Tensor:
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, AttentionEntropy]:
     r"""Fused attention over sequences packed along the token axis.
 
     Sequence ``s`` owns query tokens ``cu_seqlens_q[s] .. cu_seqlens_q[s+1]`` and key tokens
@@ -49,10 +51,12 @@ def varlen_attention(
         dropout_p, is_causal, scale, window, temperature, train_len, cos_scale: as in
             :func:`infoscale_triton.scaled_dot_product_attention`. A tensor ``temperature`` broadcasts
             to ``(Tq, Hq)``.
+        return_entropy: also return :class:`infoscale_triton.AttentionEntropy` with ``(Tq, Hq)`` fields
+            (0 for tokens past the last offset), as in the dense function.
 
     Returns:
-        ``(Tq, Hq, Dv)`` in the input dtype, contiguous. Differentiable in query, key, value and a
-        tensor temperature.
+        ``(Tq, Hq, Dv)`` in the input dtype, contiguous (and the entropy with ``return_entropy``).
+        Differentiable in query, key, value and a tensor temperature.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
@@ -72,8 +76,13 @@ def varlen_attention(
     p = check_inputs(q4, k4, v4, None, dropout_p, is_causal, scale, heads_q != heads_kv, temp4, train_len,
                      cos_scale, kernel=True, window=window)
     p = dataclasses.replace(p, **_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.device))
+    check_flag("return_entropy", return_entropy)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
-    return ops.attention(q4, k4, v4, p, seed)[0].transpose(0, 1)
+    out, stats = ops.attention(q4, k4, v4, p, seed, return_entropy)
+    out = out[0].transpose(0, 1)
+    if not return_entropy:
+        return out
+    return out, AttentionEntropy(stats[0, 0].transpose(0, 1), stats[1, 0].transpose(0, 1))
 
 
 def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, device: torch.device) -> dict:

@@ -122,6 +122,19 @@ def test_dense(case: str, train: bool) -> None:
     assert "infoscale_triton.attention_fwd" in _targets(graph)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_return_entropy(train: bool) -> None:
+    """return_entropy=True compiles in one graph; the entropy comes back as eager's, and the loss may
+    use it without a gradient through it."""
+    (q, k, v), opts = _dense_case("infoscale_causal")
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, stats = sdpa(q, k, v, **opts, return_entropy=True)
+        return out * stats.entropy.unsqueeze(-1) + stats.max_prob.unsqueeze(-1)
+
+    _assert_compiles_to_one_graph(fn, {"q": q, "k": k, "v": v}, train)
+
+
 def test_dynamic_shapes() -> None:
     """dynamic=True: the fake kernels take symbolic lengths; new lengths reuse the graph."""
     recorder = AotEagerAndRecordGraphs()

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DEVICE, DTYPES, make_mask, make_qkv, make_temperature
+from helpers import DEVICE, DTYPES, make_mask, make_qkv, make_temperature, rel_error
 
-from infoscale_triton import reference
+import infoscale_triton
+from infoscale_triton import AttentionEntropy, ops, reference
 from infoscale_triton.forward import attention_forward
 from infoscale_triton.validation import check_inputs
 
@@ -80,6 +81,74 @@ def test_entropy_of_uniform_and_one_hot_rows() -> None:
     assert abs(stats[0, 0, 0, 0].item() - torch.log(torch.tensor(float(n))).item()) < 1e-5
     assert abs(stats[1, 0, 0, 0].item() - 1 / n) < 1e-6
     assert stats[0, 0, 0, 1].item() < 1e-3 and stats[1, 0, 0, 1].item() > 0.999
+
+
+def assert_same_stats(got: AttentionEntropy, want: torch.Tensor) -> None:
+    assert isinstance(got, AttentionEntropy)
+    for field, plane in zip(got, want):
+        assert field.dtype == torch.float32 and not field.requires_grad
+        torch.testing.assert_close(field, plane, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("operators", [False, True], ids=["eager", "operators"])
+def test_public_return_entropy(train: bool, operators: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """return_entropy=True gives the kernel's statistics (bit for bit) next to an unchanged output, in
+    inference and training, through the eager autograd.Function and through the torch.library
+    operators (what torch.compile traces); the gradients are those of the output alone."""
+    monkeypatch.setattr(ops, "OPERATORS_IN_EAGER", operators)
+    opts = dict(is_causal=True, enable_gqa=True, temperature="infoscale", train_len=16)
+    q, k, v = (x.requires_grad_(train) for x in make_qkv(2, 4, 2, 33, 40, 32, 16, torch.float32))
+    out, stats = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **opts)
+    plain = infoscale_triton.scaled_dot_product_attention(q, k, v, **opts)
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert_same_stats(stats, fused_entropy(q.detach(), k.detach(), v.detach(), **opts))
+    if train:
+        dout = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), dout)
+        want = torch.autograd.grad(plain, (q, k, v), dout)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_public_return_entropy_never_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inference call that would decode stays on the forward kernel, which computes the entropy."""
+    import infoscale_triton.attention as attention
+
+    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 16)
+    q, k, v = make_qkv(1, 4, 2, 2, 64, 32, 32, torch.float32)
+    opts = dict(is_causal=True, enable_gqa=True, temperature="logn", train_len=16)
+    with torch.no_grad():
+        out, stats = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **opts)
+    assert_same_stats(stats, fused_entropy(q, k, v, **opts))
+    h_ref, _ = reference.attention_entropy(q.double(), k.double(), **opts)
+    assert rel_error(stats.entropy, h_ref) <= 1e-5
+
+
+def test_public_varlen_return_entropy() -> None:
+    """Packed sequences: (Tq, Hq) fields, each sequence's rows against the dense reference of that
+    sequence alone; tokens past the last offset read 0."""
+    cu_q = torch.tensor([0, 7, 7, 30], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 12, 20, 41], dtype=torch.int32, device=DEVICE)
+    q, k, v = (t[0].transpose(0, 1) for t in make_qkv(1, 4, 2, 33, 41, 32, 16, torch.float32))
+    opts = dict(is_causal=True, temperature="infoscale", train_len=8, cos_scale=40.0)
+    out, stats = infoscale_triton.varlen_attention(q, k, v, cu_q, cu_k, return_entropy=True, **opts)
+    assert stats.entropy.shape == stats.max_prob.shape == (33, 4)
+    for s in range(3):
+        (q0, q1), (k0, k1) = cu_q[s : s + 2].tolist(), cu_k[s : s + 2].tolist()
+        if q1 == q0:
+            continue
+        qs, ks = (x.transpose(0, 1)[None].double() for x in (q[q0:q1], k[k0:k1]))
+        h_ref, p_ref = reference.attention_entropy(qs, ks, enable_gqa=True, **opts)
+        assert rel_error(stats.entropy[q0:q1], h_ref[0].T) <= 1e-5
+        assert rel_error(stats.max_prob[q0:q1], p_ref[0].T) <= 1e-5
+    assert (stats.entropy[30:] == 0).all() and (stats.max_prob[30:] == 0).all()
+
+
+def test_return_entropy_must_be_bool() -> None:
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16, 16, torch.float32)
+    with pytest.raises(TypeError, match="return_entropy must be a bool"):
+        infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy="yes")
 
 
 @pytest.mark.gpu
