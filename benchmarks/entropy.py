@@ -35,9 +35,15 @@ errors, timings, the verdict) and ``entropy_<UTC>.png`` (one panel per input; sk
 matplotlib is missing); tables on stdout and a closing sentence on whether InfoScale keeps the entropy
 flatter than no temperature beyond train_len.
 
-  python benchmarks/entropy.py --checkpoint models.pt   # H100: ~1-2 minutes (compilation included)
-  python benchmarks/entropy.py --train-seconds 60       # + 2 x 60 s of training
-  python benchmarks/entropy.py --no-model               # random inputs only
+Expected times (H100, estimates): the fused calls take well under a second per method in all (a causal
+128k x 8 heads x D 128 forward is ~0.1 s), the reference checks a few seconds; most of the time goes to
+Triton compiling ~40 kernel variants on a first run (cached on disk for the next) and to reading the
+stdlib (seconds).
+
+  python benchmarks/extrapolation.py --save-checkpoint models.pt   # the models, once (~8 minutes)
+  python benchmarks/entropy.py --checkpoint models.pt   # H100: ~1-2 minutes
+  python benchmarks/entropy.py --train-seconds 60       # trains the models here: + 2 x 60 s
+  python benchmarks/entropy.py --no-model               # random inputs only: < 1 minute
   python benchmarks/entropy.py --smoke                  # CPU, Triton interpreter, < 1 minute
 """
 
@@ -113,7 +119,7 @@ class Settings:
 
 def smoke_settings(base: Settings) -> Settings:
     """Tiny sizes for the Triton interpreter on CPU: checks the script, not the science."""
-    return replace(base, lengths=[16, 32, 64, 128], heads=2, head_dims=[16, 32], train_len=32, last_rows=8,
+    return replace(base, lengths=[32, 64, 128], heads=2, head_dims=[16, 32], train_len=32, last_rows=8,
                    dtype="float32", ref_max_length=128, model_tokens=128)
 
 
@@ -124,11 +130,6 @@ def call_kwargs(logits: str, temperature: str, train_len: int, cos_scale: float)
     return {"cos_scale": cos_scale if logits == "cos" else None,
             "temperature": None if temperature == "none" else temperature,
             "train_len": None if temperature == "none" else train_len}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -159,8 +160,8 @@ class ReferenceGuard:
         except (ValueError, OSError, AttributeError):
             return 4.0 * GIB
 
-    def check(self, panel: str, q: torch.Tensor, k: torch.Tensor, entropy: torch.Tensor, max_prob: torch.Tensor,
-              **kwargs: object) -> dict:
+    def check(self, panel: str, q: torch.Tensor, k: torch.Tensor, entropy: torch.Tensor,
+              max_prob: torch.Tensor, **kwargs: object) -> dict:
         """Compare the fused (entropy, max_prob) of q, k (B, H, L, D) with the reference's; kwargs are the
         attention's (is_causal, cos_scale, temperature, train_len)."""
         length = q.shape[2]
@@ -169,21 +170,22 @@ class ReferenceGuard:
         free = self.free_bytes()
         record: dict = {"heads": q.shape[1], "estimated_gib": round(estimate / GIB, 3),
                         "free_gib": round(free / GIB, 3)}
+        skipped = {**record, "status": "skipped"}
         if self.max_length and length > self.max_length:
-            return {**record, "status": "skipped", "reason": f"longer than --ref-max-length {self.max_length}"}
+            return {**skipped, "reason": f"longer than --ref-max-length {self.max_length}"}
         if length >= self.oom_length.get(panel, math.inf):
-            return {**record, "status": "skipped", "reason": f"out of memory at {self.oom_length[panel]} already"}
+            return {**skipped, "reason": f"out of memory at {self.oom_length[panel]} already"}
         if estimate > free and not (self.device.type == "cuda" and self.oom_attempt):
-            return {**record, "status": "skipped", "reason": "the estimate exceeds the free memory"}
+            return {**skipped, "reason": "the estimate exceeds the free memory"}
         start = time.perf_counter()
         try:
             want = self._run(q, k, logits, **kwargs)
         except torch.OutOfMemoryError:
             want = None
-        # only now, out of the except clause, are the failed attempt's tensors unreferenced
-        gc.collect()
+        if want is None:
+            gc.collect()  # only now, out of the except clause, are the failed attempt's tensors unreferenced
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # so that the next estimate compares with what is really free
         seconds = time.perf_counter() - start
         if want is None:
             self.oom_length[panel] = length
@@ -193,13 +195,15 @@ class ReferenceGuard:
                 "rel_err_max_prob": relative_error(max_prob, want[1]),
                 "max_abs_err_entropy": (entropy.double() - want[0]).abs().max().item()}
 
-    def _run(self, q: torch.Tensor, k: torch.Tensor, logits: int, **kwargs: object) -> tuple[torch.Tensor, ...]:
+    def _run(self, q: torch.Tensor, k: torch.Tensor, logits: int,
+             **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference in float64, measuring its peak memory per logit on a GPU for later estimates."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        entropy, max_prob = reference.attention_entropy(q.double(), k.double(), **kwargs)
+        with torch.autocast(self.device.type, enabled=False):  # the model runs under autocast
+            entropy, max_prob = reference.attention_entropy(q.double(), k.double(), **kwargs)
         if cuda:
             per_logit = (torch.cuda.max_memory_allocated() - base) / logits
             self.bytes_per_logit = max(self.bytes_per_logit, per_logit) if self.measured else per_logit
@@ -235,10 +239,10 @@ def random_panel(head_dim: int, s: Settings, guard: ReferenceGuard, device: torc
                 q, k, v = (t[:, :, :length] for t in (q_all, k_all, v_all))
                 if device.type == "cuda":  # compile outside the timing
                     infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **kwargs)
-                sync(device)
+                xp.sync(device)
                 start = time.perf_counter()
                 _, ent = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **kwargs)
-                sync(device)
+                xp.sync(device)
                 seconds = time.perf_counter() - start
                 last = min(s.last_rows, length)
                 uniform_last, uniform_all = causal_uniform(length, last)
@@ -271,9 +275,8 @@ class LayerStats:
         self.rows[layer] += ent.entropy.numel()
 
 
-def probed_attend(block: torch.nn.Module, layer: int, stats: LayerStats, guard: ReferenceGuard | None,
-                  panel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  kind: object) -> torch.Tensor:
+def probed_attend(layer: int, stats: LayerStats, guard: ReferenceGuard | None, panel: str, q: torch.Tensor,
+                  k: torch.Tensor, v: torch.Tensor, kind: xp.AttentionKind) -> torch.Tensor:
     """extrapolation.Block.attend with return_entropy: the same attention call, its entropy kept, and the
     first window checked against the reference once per layer."""
     kwargs = {"is_causal": kind.causal, "cos_scale": kind.cos_scale, "temperature": kind.temperature,
@@ -283,17 +286,17 @@ def probed_attend(block: torch.nn.Module, layer: int, stats: LayerStats, guard: 
     if guard is not None and stats.reference[layer] is None:
         start = time.perf_counter()
         stats.reference[layer] = guard.check(panel, q[:1], k[:1], ent.entropy[:1], ent.max_prob[:1], **kwargs)
-        sync(q.device)
+        xp.sync(q.device)
         stats.reference_seconds += time.perf_counter() - start
     return out
 
 
 @contextmanager
-def probe(model: torch.nn.Module, guard: ReferenceGuard | None, panel: str) -> Iterator[LayerStats]:
+def probe(model: xp.Transformer, guard: ReferenceGuard | None, panel: str) -> Iterator[LayerStats]:
     """Swap each block's attend for probed_attend (an instance attribute over the method) while inside."""
     stats = LayerStats(len(model.blocks), next(model.parameters()).device)
     for layer, block in enumerate(model.blocks):
-        block.attend = functools.partial(probed_attend, block, layer, stats, guard, panel)
+        block.attend = functools.partial(probed_attend, layer, stats, guard, panel)
     try:
         yield stats
     finally:
@@ -302,8 +305,8 @@ def probe(model: torch.nn.Module, guard: ReferenceGuard | None, panel: str) -> I
 
 
 @torch.no_grad()
-def model_length(model: torch.nn.Module, kind: object, inputs: torch.Tensor, length: int, cfg: object,
-                 guard: ReferenceGuard, panel: str) -> dict:
+def model_length(model: xp.Transformer, kind: xp.AttentionKind, inputs: torch.Tensor, length: int,
+                 cfg: xp.Config, guard: ReferenceGuard, panel: str) -> dict:
     """Entropy per layer over the eval tokens cut into windows of `length`, in batches of
     cfg.eval_batch_tokens tokens (as extrapolation.evaluate)."""
     device = inputs.device
@@ -312,19 +315,21 @@ def model_length(model: torch.nn.Module, kind: object, inputs: torch.Tensor, len
     if device.type == "cuda":
         with probe(model, None, panel), xp.autocast(device):  # compile outside the timing
             model(x[:1], kind)
-        sync(device)
+        xp.sync(device)
     start = time.perf_counter()
     with probe(model, guard, panel) as stats:
         for i in range(0, x.shape[0], batch):
             with xp.autocast(device):
                 model(x[i:i + batch], kind)
-        sync(device)
+        xp.sync(device)
     seconds = time.perf_counter() - start - stats.reference_seconds
     layers = (stats.entropy / torch.tensor(stats.rows, device=device)).tolist()
     max_prob = (stats.max_prob / torch.tensor(stats.rows, device=device)).tolist()
     return {"entropy": sum(layers) / len(layers), "entropy_layers": layers,
             "max_prob": sum(max_prob) / len(max_prob), "max_prob_layers": max_prob,
-            "uniform": math.log(length), "windows": x.shape[0], "forward_ms": 1e3 * seconds,
+            # a CLM checkpoint's rows are causal: row i sees i + 1 keys
+            "uniform": causal_uniform(length, length)[1] if kind.causal else math.log(length),
+            "windows": x.shape[0], "forward_ms": 1e3 * seconds,
             "reference_layers": stats.reference,
             "reference": worst_reference(stats.reference)}
 
@@ -340,7 +345,7 @@ def worst_reference(records: list[dict | None]) -> dict:
     return {**records[0], **worst}
 
 
-def train_models(cfg: object, stream: torch.Tensor) -> tuple[dict, dict]:
+def train_models(cfg: xp.Config, stream: torch.Tensor) -> tuple[dict, dict]:
     """Both models trained with extrapolation's own functions (equal steps for both, as there)."""
     models, training, steps = {}, {}, None
     for name in xp.MODELS:
@@ -350,7 +355,8 @@ def train_models(cfg: object, stream: torch.Tensor) -> tuple[dict, dict]:
     return models, training
 
 
-def model_panels(s: Settings, guard: ReferenceGuard, device: torch.device, smoke: bool) -> tuple[list[dict], dict]:
+def model_panels(s: Settings, guard: ReferenceGuard, device: torch.device,
+                 smoke: bool) -> tuple[list[dict], dict]:
     """The trained models' rows, from --checkpoint or trained here for s.train_seconds each."""
     if s.checkpoint:
         cfg, models, training = xp.load_checkpoint(Path(s.checkpoint), device)
@@ -424,10 +430,10 @@ def reference_summary(rows: list[dict], longest: int) -> dict:
 def reference_lines(summary: dict) -> list[str]:
     lines = []
     for panel, r in summary.items():
-        checked = (f"checked up to L = {r['checked_up_to']} (worst relative error: entropy "
+        checked = (f"ran up to L = {r['checked_up_to']} (worst relative error: entropy "
                    f"{r['max_rel_err_entropy']:.1e}, max prob {r['max_rel_err_max_prob']:.1e})"
                    if r["checked_up_to"] else "not run")
-        oom = (f"; out of memory at L = {r['oom_at']} (~{r['oom_estimated_gib']:.0f} GiB estimated)"
+        oom = (f"; first out of memory at L = {r['oom_at']} (~{r['oom_estimated_gib']:.0f} GiB estimated)"
                if r["oom_at"] else "")
         lines.append(f"{panel}: float64 eager reference {checked}{oom}; the fused path answered up to "
                      f"L = {r['fused_up_to']}")
@@ -465,7 +471,13 @@ def verdict(cases: list[dict]) -> str:
             f"(change in nats from train_len to the longest length: {detail}).")
 
 
-PANEL_TITLES = {"random_d": "causal, last rows: ", "model_do": "MLM, all rows: ", "model_co": "MLM, all rows: "}
+def panel_title(panel: str, s: Settings, model_cfg: dict | None) -> str:
+    if panel.startswith("random_d"):
+        return (f"random q, k, D = {panel.removeprefix('random_d')}, {s.heads} heads\n"
+                f"causal, last {s.last_rows} rows; CosScale s = {s.cos_scale:g}")
+    logits = f"CosScale s = {model_cfg['cos_scale']:g}" if panel == "model_cos" else "dot product"
+    return (f"trained {model_cfg['objective'].upper()}, {model_cfg['layers']} layers x {model_cfg['heads']} "
+            f"heads\n{logits}; mean over layers and rows")
 
 
 def plot(rows: list[dict], s: Settings, model_cfg: dict | None, path: Path) -> bool:
@@ -477,7 +489,7 @@ def plot(rows: list[dict], s: Settings, model_cfg: dict | None, path: Path) -> b
         print("matplotlib is not installed: no PNG (the JSON has every number)")
         return False
     panels = list(dict.fromkeys(r["input"] for r in rows))
-    cols = 2 if len(panels) > 2 else len(panels)
+    cols = min(len(panels), 2)
     grid_rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(grid_rows, cols, figsize=(5.5 * cols, 4.2 * grid_rows + 0.4), squeeze=False)
     colors = {"none": "tab:gray", "logn": "tab:blue", "infoscale": "tab:red"}
@@ -497,7 +509,7 @@ def plot(rows: list[dict], s: Settings, model_cfg: dict | None, path: Path) -> b
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length L (tokens)")
         ax.set_ylabel("attention entropy (nats)")
-        ax.set_title(PANEL_TITLES.get(panel[:8], "") + panel.replace("_", " "))
+        ax.set_title(panel_title(panel, s, model_cfg), fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Attention entropy against context length (vertical line: train_len)")
@@ -512,22 +524,25 @@ def plot(rows: list[dict], s: Settings, model_cfg: dict | None, path: Path) -> b
 def parse_args() -> tuple[Settings, argparse.Namespace]:
     d = Settings()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--min-length", type=int, default=min(d.lengths), help="shortest length (a power of two)")
-    p.add_argument("--max-length", type=int, default=max(d.lengths), help="longest length (a power of two)")
+    p.add_argument("--min-length", type=int, default=min(d.lengths),
+                   help="shortest length; the lengths are min, 2 min, 4 min, ... up to --max-length")
+    p.add_argument("--max-length", type=int, default=max(d.lengths), help="longest length")
     p.add_argument("--heads", type=int, default=d.heads, help="heads of the random inputs")
     p.add_argument("--head-dims", type=int, nargs="+", default=d.head_dims, help="D of the random inputs")
     p.add_argument("--train-len", type=int, default=d.train_len,
                    help="N of the random inputs' temperatures (the model uses its own training length)")
     p.add_argument("--cos-scale", type=float, default=d.cos_scale,
                    help="s of the random inputs' CosScale logits (the model uses its own)")
-    p.add_argument("--temperatures", nargs="+", default=d.temperatures,
-                   choices=("none", *infoscale_triton.TEMPERATURE_CHOICES))
+    p.add_argument("--temperatures", nargs="+", default=d.temperatures, metavar="T",
+                   choices=("none", *infoscale_triton.TEMPERATURE_CHOICES),
+                   help=f"inference temperatures, of: none {' '.join(infoscale_triton.TEMPERATURE_CHOICES)} "
+                        f"(default: {' '.join(d.temperatures)})")
     p.add_argument("--last-rows", type=int, default=d.last_rows,
                    help="random inputs: the causal rows averaged for the headline entropy (the last ones)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="random inputs' dtype (default bfloat16 on a GPU, float32 on CPU: the "
                         "interpreter's bfloat16 dots are wrong)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed, help="random inputs of head dim D use seed + D")
     p.add_argument("--ref-max-length", type=int, default=d.ref_max_length,
                    help="longest length checked against the eager float64 reference (0: on a GPU until it "
                         "runs out of memory; on CPU where its estimate fits)")
@@ -545,15 +560,16 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
                    help="held-out tokens run through the model at each length (rounded up to a multiple of "
                         "the longest length)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter, < 1 minute)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                   help="where the JSON and the PNG go")
     a = p.parse_args()
     lengths = [a.min_length * 2**i for i in range(64) if a.min_length * 2**i <= a.max_length]
     dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     s = Settings(lengths=lengths, heads=a.heads, head_dims=a.head_dims, train_len=a.train_len,
                  cos_scale=a.cos_scale, temperatures=a.temperatures, last_rows=a.last_rows, seed=a.seed,
                  dtype=dtype, ref_max_length=a.ref_max_length, oom_attempt=not a.no_oom_attempt,
-                 random=not a.no_random, model=not a.no_model, checkpoint=str(a.checkpoint) if a.checkpoint else None,
-                 train_seconds=a.train_seconds, model_tokens=a.model_tokens)
+                 random=not a.no_random, model=not a.no_model, train_seconds=a.train_seconds,
+                 checkpoint=str(a.checkpoint) if a.checkpoint else None, model_tokens=a.model_tokens)
     if a.smoke:
         s = smoke_settings(s)
     if not s.lengths:

@@ -13,14 +13,28 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
+
+from infoscale_triton import reference
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "entropy.py"
 TEMPERATURES = ("none", "logn", "infoscale")
 # the smoke run is float32 through the interpreter: the fused entropy matches float64 to ~1e-6
 TOLERANCE = 1e-4
+
+
+def load_script() -> ModuleType:
+    """benchmarks/entropy.py in this process (it loads benchmarks/extrapolation.py as ``xp``)."""
+    name = "entropy_script"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPT)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def run_script(*args: str) -> dict:
@@ -73,21 +87,15 @@ def test_smoke_writes_every_entry(tmp_path: Path) -> None:
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     """extrapolation.save_checkpoint (what --save-checkpoint writes) read by entropy.py --checkpoint: the
     models are rebuilt with the saved config (layers, cos_scale) and their weights."""
-    spec = importlib.util.spec_from_file_location("extrapolation", REPO / "benchmarks" / "extrapolation.py")
-    xp = importlib.util.module_from_spec(spec)
-    sys.modules["extrapolation"] = xp
-    try:
-        spec.loader.exec_module(xp)
-        cfg = xp.smoke_config(xp.Config(cos_scale=24.0))
-        states = {}
-        for name in xp.MODELS:
-            torch.manual_seed(len(name))
-            states[name] = xp.Transformer(cfg).state_dict()
-        ckpt = tmp_path / "models.pt"
-        xp.save_checkpoint(ckpt, cfg, states, {"dot": {"steps": 0}})
-        loaded_cfg, models, _ = xp.load_checkpoint(ckpt, torch.device("cpu"))
-    finally:
-        del sys.modules["extrapolation"]
+    xp = load_script().xp
+    cfg = xp.smoke_config(xp.Config(cos_scale=24.0))
+    states = {}
+    for name in xp.MODELS:
+        torch.manual_seed(len(name))
+        states[name] = xp.Transformer(cfg).state_dict()
+    ckpt = tmp_path / "models.pt"
+    xp.save_checkpoint(ckpt, cfg, states, {"dot": {"steps": 0}})
+    loaded_cfg, models, _ = xp.load_checkpoint(ckpt, torch.device("cpu"))
     assert loaded_cfg == cfg and set(models) == set(xp.MODELS)
     assert torch.equal(models["cos"].embed.weight, states["cos"]["embed.weight"])
 
@@ -95,3 +103,25 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     check_rows(report, {"model_dot": ("dot",), "model_cos": ("cos",)})
     assert report["model"]["config"]["cos_scale"] == 24.0
     assert report["model"]["training"]["checkpoint"] == str(ckpt)
+
+
+def test_reference_guard_records_the_first_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bookkeeping of the GPU's out-of-memory demonstration, without a GPU: an attempt that raises
+    OutOfMemoryError is recorded as "oom" and the panel's longer lengths are skipped, other panels not."""
+    guard = load_script().ReferenceGuard(torch.device("cpu"), max_length=0, oom_attempt=True)
+    q, k = torch.randn(2, 1, 2, 64, 16).unbind(0)
+    opts = {"is_causal": True, "temperature": "infoscale", "train_len": 16}
+    h, p = reference.attention_entropy(q.double(), k.double(), **opts)
+    ok = guard.check("a", q[:, :, :32], k[:, :, :32], h[..., :32].float(), p[..., :32].float(), **opts)
+    assert ok["status"] == "checked" and ok["rel_err_entropy"] < 1e-6
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(guard, "_run", out_of_memory)
+    assert guard.check("a", q[:, :, :32], k[:, :, :32], h, p, **opts)["status"] == "oom"
+    assert guard.oom_length == {"a": 32}
+    later = guard.check("a", q, k, h, p, **opts)
+    assert later["status"] == "skipped" and "out of memory at 32" in later["reason"]
+    monkeypatch.undo()
+    assert guard.check("b", q, k, h.float(), p.float(), **opts)["status"] == "checked"
