@@ -35,13 +35,13 @@ errors, timings, the verdict) and ``entropy_<UTC>.png`` (one panel per input; sk
 matplotlib is missing); tables on stdout and a closing sentence on whether InfoScale keeps the entropy
 flatter than no temperature beyond train_len.
 
-Expected times (H100, estimates): the fused calls take well under a second per method in all (a causal
-128k x 8 heads x D 128 forward is ~0.1 s), the reference checks a few seconds; most of the time goes to
-Triton compiling ~40 kernel variants on a first run (cached on disk for the next) and to reading the
-stdlib (seconds).
+Expected times (H100, estimated, not yet measured): the fused calls take well under a second per
+method in all (a causal 128k x 8 heads x D 128 forward is ~0.1 s), the model passes and the reference
+checks some seconds each; most of a first run goes to Triton compiling ~36 kernel variants (cached on
+disk for the next run).
 
   python benchmarks/extrapolation.py --save-checkpoint models.pt   # the models, once (~8 minutes)
-  python benchmarks/entropy.py --checkpoint models.pt   # H100: ~1-2 minutes
+  python benchmarks/entropy.py --checkpoint models.pt   # H100: ~2-3 minutes cold, ~1 minute cached
   python benchmarks/entropy.py --train-seconds 60       # trains the models here: + 2 x 60 s
   python benchmarks/entropy.py --no-model               # random inputs only: < 1 minute
   python benchmarks/entropy.py --smoke                  # CPU, Triton interpreter, < 1 minute
@@ -168,8 +168,7 @@ class ReferenceGuard:
         logits = q.shape[0] * q.shape[1] * length * k.shape[2]
         estimate = logits * self.bytes_per_logit
         free = self.free_bytes()
-        record: dict = {"heads": q.shape[1], "estimated_gib": round(estimate / GIB, 3),
-                        "free_gib": round(free / GIB, 3)}
+        record: dict = {"heads": q.shape[1], "estimated_bytes": int(estimate), "free_bytes": int(free)}
         skipped = {**record, "status": "skipped"}
         if self.max_length and length > self.max_length:
             return {**skipped, "reason": f"longer than --ref-max-length {self.max_length}"}
@@ -341,7 +340,7 @@ def worst_reference(records: list[dict | None]) -> dict:
     if others or not records:
         return others[0] if others else {"status": "skipped", "reason": "no attention call"}
     worst = {key: max(r[key] for r in records) for key in ("rel_err_entropy", "rel_err_max_prob",
-                                                           "max_abs_err_entropy", "estimated_gib")}
+                                                           "max_abs_err_entropy", "estimated_bytes")}
     return {**records[0], **worst}
 
 
@@ -422,7 +421,7 @@ def reference_summary(rows: list[dict], longest: int) -> dict:
             "max_rel_err_entropy": max((ref["rel_err_entropy"] for _, ref in checked), default=None),
             "max_rel_err_max_prob": max((ref["rel_err_max_prob"] for _, ref in checked), default=None),
             "oom_at": min((n for n, _ in oom), default=None),
-            "oom_estimated_gib": min((ref["estimated_gib"] for _, ref in oom), default=None),
+            "oom_estimated_bytes": min((ref["estimated_bytes"] for _, ref in oom), default=None),
             "fused_up_to": longest}
     return summary
 
@@ -433,7 +432,8 @@ def reference_lines(summary: dict) -> list[str]:
         checked = (f"ran up to L = {r['checked_up_to']} (worst relative error: entropy "
                    f"{r['max_rel_err_entropy']:.1e}, max prob {r['max_rel_err_max_prob']:.1e})"
                    if r["checked_up_to"] else "not run")
-        oom = (f"; first out of memory at L = {r['oom_at']} (~{r['oom_estimated_gib']:.0f} GiB estimated)"
+        oom = (f"; first out of memory at L = {r['oom_at']} (~{r['oom_estimated_bytes'] / GIB:.0f} GiB "
+               f"estimated)"
                if r["oom_at"] else "")
         lines.append(f"{panel}: float64 eager reference {checked}{oom}; the fused path answered up to "
                      f"L = {r['fused_up_to']}")
@@ -476,7 +476,7 @@ def panel_title(panel: str, s: Settings, model_cfg: dict | None) -> str:
         return (f"random q, k, D = {panel.removeprefix('random_d')}, {s.heads} heads\n"
                 f"causal, last {s.last_rows} rows; CosScale s = {s.cos_scale:g}")
     logits = f"CosScale s = {model_cfg['cos_scale']:g}" if panel == "model_cos" else "dot product"
-    return (f"trained {model_cfg['objective'].upper()}, {model_cfg['layers']} layers x {model_cfg['heads']} "
+    return (f"trained {model_cfg['objective'].upper()}, {model_cfg['layers']} layer(s) x {model_cfg['heads']} "
             f"heads\n{logits}; mean over layers and rows")
 
 
