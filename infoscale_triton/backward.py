@@ -74,8 +74,8 @@ def attention_backward(
     # packed sequences: tokens past cu_seqlens_q[-1] get no program, and their dt is summed where the
     # temperature broadcasts over tokens
     dt = (torch.zeros_like(delta) if p.varlen else torch.empty_like(delta)) if temp_grad else delta
-    dkdv_cfg, dq_cfg = (dict({"WARP_SPEC": False}, **cfg) for cfg in CONFIG_OVERRIDE or bwd_config(
-        meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(), interpreter_active()))
+    dkdv_cfg, dq_cfg = CONFIG_OVERRIDE or bwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(),
+                                                     interpreter_active())
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
     shared = {name: meta[name] for name in ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "COS",

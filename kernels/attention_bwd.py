@@ -109,11 +109,10 @@ def _dkdv_tiles(
     seed, bh, dropout_p, dropout_scale,
     IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
     DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
 ):
     """Accumulate one key block's dK, dV over the query blocks [lo_m, hi_m) of one head. (Computing in
     the transposed orientation, keys as rows, measured 5-20% slower on the H100: benchmarks/NOTES.md.)"""
-    for m0 in tl.range(lo_m, hi_m, BLOCK_M, warp_specialize=WARP_SPEC):
+    for m0 in range(lo_m, hi_m, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_ok = offs_m < lq
@@ -156,7 +155,7 @@ def attention_bwd_dkdv_kernel(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr, WINDOW: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, kv head, batch): dK and dV summed over every query head of the
     group (GQA) and every query block that sees the keys, in a fixed order: no atomics, and the same
@@ -202,19 +201,19 @@ def attention_bwd_dkdv_kernel(
                              RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, start, full_lo,
                              lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N, False)
+                             IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
                              RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, full_lo, full_hi,
                              lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, WINDOW, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N, WARP_SPEC)
+                             IS_CAUSAL, WINDOW, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
         if WINDOW:
             # only a window hides a key block from the last rows
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
                                  RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, full_hi, end,
                                  lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                                  seed, bh, dropout_p, dropout_scale,
-                                 IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N, False)
+                                 IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
     if DROPOUT:
         dv = dv * dropout_scale
     if COS:
@@ -236,10 +235,10 @@ def _dq_tiles(
     g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn, offs_m, lo, hi,
     start, end, lq, lk, seed, bh, dropout_p, dropout_scale,
     MASK_MODE: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-    TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Accumulate dQ (before the row scale) and the temperature's row sums over key tiles [start, end)."""
-    for n0 in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
+    for n0 in range(start, end, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         k = k_desc.load([n0, 0])
         v = v_desc.load([n0, 0])
@@ -267,7 +266,7 @@ def attention_bwd_dq_kernel(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     TEMP_GRAD: tl.constexpr, DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr,
-    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPEC: tl.constexpr,
+    WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (query block, query head, batch): dQ and, with TEMP_GRAD, dL/dt_i."""
     pid_m = tl.program_id(0)
@@ -323,13 +322,13 @@ def attention_bwd_dq_kernel(
     if WINDOW or HAS_KV_RANGE:
         g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
                           offs_m, lo, hi, start, full_lo, lq, lk, seed, bh, dropout_p, dropout_scale,
-                          MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N, False)
+                          MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
     g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
                       offs_m, lo, hi, full_lo, full_hi, lq, lk, seed, bh, dropout_p, dropout_scale,
-                      MASK_MODE, False, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N, WARP_SPEC)
+                      MASK_MODE, False, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
     g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
                       offs_m, lo, hi, full_hi, end, lq, lk, seed, bh, dropout_p, dropout_scale,
-                      MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N, False)
+                      MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
     a = rs * INV_LOG2E
     base = tl.zeros([BLOCK_M], dtype=tl.float32) + scale  # a_i / t_i
     if COS:
@@ -351,8 +350,7 @@ def attention_bwd_dq_kernel(
 
 def bwd_config(block_d: int, block_dv: int, elsize: int, interpret: bool) -> tuple[dict, dict]:
     """(dK/dV config, dQ config): BLOCK_N is the dK/dV kernel's resident key block and BLOCK_M the
-    query block it streams; the dQ kernel the other way round. WARP_SPEC (Triton's warp
-    specialisation of the unmasked loop) is off unless a config says otherwise."""
+    query block it streams; the dQ kernel the other way round."""
     if interpret:
         small = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
         return small, small
