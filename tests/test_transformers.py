@@ -10,6 +10,11 @@ attention (float32 rounding through rotary, RMSNorm, the MLP and the head); the 
 the kernels alone, and far below what the options under test change: a missing padding mask, the
 temperatures and CosScale move the logits by 0.1 to 0.8 relative here (asserted > MEASURABLE below, so
 that these tests can fail).
+
+Kernels: the prompts are 12 tokens, so an inference call that comes without a mask (an unpadded
+batch) runs the split-KV decode kernel (at most 16 query rows: attention.decodes), one with a mask the
+dense kernel, as for any user; test_generate_runs_through_the_decode_kernel checks the routing of a
+generation step by step.
 """
 
 from __future__ import annotations
