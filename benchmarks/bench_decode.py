@@ -277,11 +277,13 @@ class Row:
     config: dict = field(default_factory=dict)
 
 
-def make_sets(shape: Shape, lk: int, dtype: torch.dtype, device: str, seed: int) -> list[tuple[torch.Tensor, ...]]:
-    """Enough independent (q, k, v) sets that together they exceed the last-level cache."""
+def make_sets(shape: Shape, lk: int, dtype: torch.dtype, device: str, seed: int,
+              max_sets: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Enough independent (q, k, v) sets that together they exceed the last-level cache (at most
+    ``max_sets``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     kv_bytes = 2 * shape.b * shape.hkv * lk * shape.d * torch.empty((), dtype=dtype).element_size()
-    n_sets = peers.input_sets_needed(kv_bytes)
+    n_sets = min(peers.input_sets_needed(kv_bytes), max_sets or math.inf)
 
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(size, generator=gen, device=device, dtype=dtype)
@@ -402,7 +404,7 @@ def short_launchers(temperature: str | None) -> dict[str, Builder]:
     return {"dense": dense, "decode": decoding}
 
 
-def decode_splits(q: torch.Tensor, k: torch.Tensor, p: Problem) -> int:
+def decode_splits(q: torch.Tensor, p: Problem) -> int:
     """The split count decode_forward picks for this problem (its default config and heuristic)."""
     width = max(triton.next_power_of_2(p.head_dim), 16)
     rows = p.group * p.lq
@@ -444,9 +446,9 @@ def measure_short(b: int, lq: int, lk: int, temperature: str | None, shape: Shap
     row = ShortRow(b, lq, lk, temperature or "none")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
-    sets = make_sets(Shape(b, shape.hkv, shape.hq, shape.d, lq), lk, dtype, device, seed)[:SHORT_MAX_SETS]
+    sets = make_sets(Shape(b, shape.hkv, shape.hq, shape.d, lq), lk, dtype, device, seed, SHORT_MAX_SETS)
     q, k, v = sets[0]
-    row.splits = decode_splits(q, k, short_problem(q, k, v, temperature))
+    row.splits = decode_splits(q, short_problem(q, k, v, temperature))
     errors, tols = {}, []
     for name, builder in short_launchers(temperature).items():
         fns, _, out, reason = build(builder, sets)
