@@ -31,6 +31,18 @@ compiles (flex compiles per length, ~10-30 s each): under ~3 minutes with the de
 --providers control it (--lk fewer lengths). --sweep adds our split kernel under other configs
 (BLOCK_N, stages, TMA or pointer loads) and --splits other split counts, for tuning.
 
+--short: which kernel should serve short caches (attention.DECODE_MIN_KEYS, the routing of
+scaled_dot_product_attention). For Lk in 16 to 4096 (--lk to change), B in 1 and 8, Lq in 1 and 4,
+causal, InfoScale (N_TRAIN) and no temperature, Hkv=8, Hq=32, D=128: the dense forward launcher
+(forward.attention_forward) against the decode launcher (decode.decode_forward) on the same validated
+Problem, both without the public functions' validation. "eager": back-to-back calls, wall time per
+call between two synchronisations, i.e. max(host launch cost, GPU time), what an eager decoding loop
+pays; "graph": do_bench of CUDA-graph replays, the GPU time (L2 flushed). Ratio = dense / decode (> 1:
+decode is faster). At most SHORT_MAX_SETS input sets rotate, so the smallest caches stay in L2. Both
+outputs are checked against the float64 reference at every point. Prints one table per (B, Lq,
+temperature), the smallest Lk from which decode is never slower, and writes bench_decode_short_*.json
+/ .csv. About 1-2 minutes on the H100 (compiles included) with --warmup 10 --rep 40.
+
 Results: tables on stdout; JSON and CSV (GPU, versions, commit, timestamp) under --out
 (default benchmarks/results/). Without CUDA, --smoke runs tiny sizes through the Triton interpreter to
 test the script (its timings mean nothing).
@@ -40,12 +52,15 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -61,7 +76,8 @@ if not torch.cuda.is_available():
 import triton
 
 import infoscale_triton
-from infoscale_triton import decode, peers, reference
+from infoscale_triton import decode, forward, peers, reference
+from infoscale_triton.validation import Problem, check_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = peers.N_TRAIN
@@ -82,6 +98,14 @@ class Shape:
 FULL = Shape(b=1, hkv=8, hq=32, d=128)
 SMOKE = Shape(b=1, hkv=2, hq=8, d=32)
 LENGTHS = {"full": (4096, 32768, 131072, 262144), "smoke": (64, 128)}
+# --short: the grid (and its --smoke stand-in); SHORT_MAX_SETS caps the input sets (one CUDA graph each)
+SHORT_LENGTHS = {"full": (16, 64, 128, 256, 512, 1024, 2048, 4096), "smoke": (16, 40)}
+SHORT_BATCHES = {"full": (1, 8), "smoke": (2,)}
+SHORT_QUERY_ROWS = (1, 4)
+SHORT_TEMPERATURES = ("infoscale", None)
+SHORT_MAX_SETS = 8
+# decode counts as no slower within this fraction (timing noise): the suggested threshold's tolerance
+SHORT_TOLERANCE = 0.03
 # --sweep: (BLOCK_N, num_stages, TMA) for our split kernel, BLOCK_M and warps as decode_config picks
 SWEEP = [(bn, stages, tma) for bn in (32, 64, 128) for stages in (2, 3, 4) for tma in (True, False)]
 
@@ -106,6 +130,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--splits", type=int, nargs="+", default=[],
                     help="also time ours_notemp with these num_splits (tuning aid)")
     ap.add_argument("--graph", action="store_true", help="time the --sweep / --splits rows as CUDA-graph replays")
+    ap.add_argument("--short", action="store_true",
+                    help="dense forward vs decode kernel on short caches (the routing threshold "
+                         "attention.DECODE_MIN_KEYS); --lk picks the lengths (default 16 to 4096)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
                     help="results directory (default benchmarks/results/)")
@@ -113,7 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     if args.lk is None:
-        args.lk = list(LENGTHS["smoke" if args.smoke else "full"])
+        args.lk = list((SHORT_LENGTHS if args.short else LENGTHS)["smoke" if args.smoke else "full"])
     if args.smoke:
         args.copy_mib = min(args.copy_mib, 8)
     return args
@@ -250,11 +277,13 @@ class Row:
     config: dict = field(default_factory=dict)
 
 
-def make_sets(shape: Shape, lk: int, dtype: torch.dtype, device: str, seed: int) -> list[tuple[torch.Tensor, ...]]:
-    """Enough independent (q, k, v) sets that together they exceed the last-level cache."""
+def make_sets(shape: Shape, lk: int, dtype: torch.dtype, device: str, seed: int,
+              max_sets: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """Enough independent (q, k, v) sets that together they exceed the last-level cache (at most
+    ``max_sets``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     kv_bytes = 2 * shape.b * shape.hkv * lk * shape.d * torch.empty((), dtype=dtype).element_size()
-    n_sets = peers.input_sets_needed(kv_bytes)
+    n_sets = min(peers.input_sets_needed(kv_bytes), max_sets or math.inf)
 
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(size, generator=gen, device=device, dtype=dtype)
@@ -276,14 +305,21 @@ def copy_gbps(mib: int, warmup: float, rep: float) -> float:
     return 2 * mib * 2**20 / (ms * 1e6)
 
 
+def reference_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype,
+                    temperature: str | None, is_causal: bool = False) -> tuple[float, float]:
+    """(error, tolerance): the output against the float64 reference, the budget from the reference in
+    ``dtype``. Causal rows are the cache's last Lq positions (bottom-right), as in decoding."""
+    opts = {"enable_gqa": True, "is_causal": is_causal, "temperature": temperature,
+            "train_len": N_TRAIN if temperature else None}
+    ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), **opts)
+    low = reference.scaled_dot_product_attention(q, k, v, **opts)
+    return peers.rel_err(out, ref64), peers.tolerance(peers.rel_err(low, ref64), dtype)
+
+
 def check(row: Row, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype,
           temperature: str | None) -> None:
     """The provider's output against the float64 reference (and the reference in ``dtype`` for the budget)."""
-    opts = {"enable_gqa": True, "temperature": temperature, "train_len": N_TRAIN if temperature else None}
-    ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), **opts)
-    low = reference.scaled_dot_product_attention(q, k, v, **opts)
-    row.err = peers.rel_err(out, ref64)
-    row.tol = peers.tolerance(peers.rel_err(low, ref64), dtype)
+    row.err, row.tol = reference_error(out, q, k, v, dtype, temperature)
     row.ok = peers.passes(row.err, row.tol)
 
 
@@ -327,6 +363,169 @@ def tuning_rows(sets: list, lk: int, copy: float, args: argparse.Namespace) -> l
     return rows
 
 
+# --- --short: the dense forward against the decode kernel on short caches -----------------------
+
+@dataclass
+class ShortRow:
+    """One (B, Lq, Lk, temperature) point: microseconds per call of each launcher, eager and replayed
+    from a CUDA graph, and each output's error against the float64 reference."""
+    b: int
+    lq: int
+    lk: int
+    temperature: str
+    splits: int = 0  # decode_forward's split count (> 1: a second launch, the combine)
+    dense_us: float = float("nan")
+    decode_us: float = float("nan")
+    dense_graph_us: float = float("nan")
+    decode_graph_us: float = float("nan")
+    dense_err: float = float("nan")
+    decode_err: float = float("nan")
+    tol: float = float("nan")
+    ok: bool | None = None
+    reason: str = ""
+
+
+def short_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: str | None) -> Problem:
+    """The validated Problem that scaled_dot_product_attention would hand to either launcher."""
+    return check_inputs(q, k, v, None, 0.0, True, None, True, temperature, N_TRAIN if temperature else None,
+                        None, kernel=True)
+
+
+def short_launchers(temperature: str | None) -> dict[str, Builder]:
+    """Builders of the two launchers on one input set (validation outside the timed call)."""
+    def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+        p = short_problem(q, k, v, temperature)
+        return (lambda: forward.attention_forward(q, k, v, p)[0]), ""
+
+    def decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+        p = short_problem(q, k, v, temperature)
+        return (lambda: decode.decode_forward(q, k, v, p)), ""
+
+    return {"dense": dense, "decode": decoding}
+
+
+def decode_splits(q: torch.Tensor, p: Problem) -> int:
+    """The split count decode_forward picks for this problem (its default config and heuristic)."""
+    width = max(triton.next_power_of_2(p.head_dim), 16)
+    rows = p.group * p.lq
+    cfg = decode.CONFIG_OVERRIDE or decode.decode_config(width, width, rows, q.element_size(),
+                                                         interpret=not torch.cuda.is_available())
+    return decode.choose_splits(p.batch, p.heads_kv, triton.cdiv(rows, cfg["BLOCK_M"]), p.lk, cfg["BLOCK_N"],
+                                q.device)
+
+
+def back_to_back_ms(fns: Sequence[Fn], warmup_ms: float, rep_ms: float) -> float:
+    """Milliseconds per call of calls issued back to back (cycling over ``fns``) between two
+    synchronisations: max(host launch cost, GPU time) per call, what an eager decoding loop pays.
+    Median over 5 rounds of about ``rep_ms / 5`` each (one round on the CPU, where the interpreter's
+    times mean nothing). (do_bench hides the host's cost: it flushes L2 before each call, and the host
+    launches the call during the flush.)"""
+    cycle = itertools.cycle(fns)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    rounds = 5 if cuda else 1
+
+    def per_call(n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            next(cycle)()
+        sync()
+        return (time.perf_counter() - t0) * 1e3 / n
+
+    estimate = per_call(3 if cuda else 1)
+    if warmup_ms > 0:
+        per_call(max(1, int(warmup_ms / estimate)))
+    n = max(1, int(rep_ms / rounds / estimate))
+    return statistics.median(per_call(n) for _ in range(rounds))
+
+
+def measure_short(b: int, lq: int, lk: int, temperature: str | None, shape: Shape, args: argparse.Namespace,
+                  seed: int) -> ShortRow:
+    """Both launchers at one point: checked, timed eagerly and (CUDA only) as graph replays."""
+    row = ShortRow(b, lq, lk, temperature or "none")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype]
+    sets = make_sets(Shape(b, shape.hkv, shape.hq, shape.d, lq), lk, dtype, device, seed, SHORT_MAX_SETS)
+    q, k, v = sets[0]
+    row.splits = decode_splits(q, short_problem(q, k, v, temperature))
+    errors, tols = {}, []
+    for name, builder in short_launchers(temperature).items():
+        fns, _, out, reason = build(builder, sets)
+        if not fns:
+            row.reason = f"{name}: {reason}"
+            return row
+        errors[name], tol = reference_error(out, q, k, v, dtype, temperature, is_causal=True)
+        tols.append(tol)
+        setattr(row, f"{name}_us", 1e3 * back_to_back_ms(fns, args.warmup, args.rep))
+        graphed, _, _, reason = build(_graphed(builder), sets)
+        if graphed:
+            setattr(row, f"{name}_graph_us", 1e3 * peers.time_ms(graphed, args.warmup, args.rep))
+        elif torch.cuda.is_available():  # (no graphs on the CPU: nothing to report there)
+            row.reason = f"{name}_graph: {reason}"
+        del fns, graphed, out
+    row.dense_err, row.decode_err, row.tol = errors["dense"], errors["decode"], max(tols)
+    row.ok = all(peers.passes(e, row.tol) for e in errors.values())
+    return row
+
+
+def suggested_threshold(rows: list[ShortRow], mode: str) -> str:
+    """The smallest measured Lk from which decode is never slower than dense (within SHORT_TOLERANCE)
+    at any measured point of that length or longer, in ``mode`` ("" eager, "_graph"); "1" when that is
+    the shortest length measured (route every decoding call)."""
+    if all(math.isnan(getattr(r, f"decode{mode}_us")) for r in rows):
+        return "- (not measured)"
+    lengths = sorted({r.lk for r in rows})
+    slower = {r.lk for r in rows
+              if not getattr(r, f"decode{mode}_us") <= (1 + SHORT_TOLERANCE) * getattr(r, f"dense{mode}_us")}
+    from_lk = next((lk for lk in lengths if not any(s >= lk for s in slower)), None)
+    if from_lk is None:
+        return f"none measured (decode slower at {max(slower)})"
+    return "1" if from_lk == lengths[0] else str(from_lk)
+
+
+def short_table(rows: list[ShortRow]) -> str:
+    def num(x: float, fmt: str) -> str:
+        return "-" if math.isnan(x) else format(x, fmt)
+
+    body = [[r.lk, r.splits, num(r.dense_us, ".1f"), num(r.decode_us, ".1f"), num(r.dense_us / r.decode_us, ".2f"),
+             num(r.dense_graph_us, ".1f"), num(r.decode_graph_us, ".1f"),
+             num(r.dense_graph_us / r.decode_graph_us, ".2f"),
+             num(r.dense_err, ".1e") + ("" if r.ok is not False else " !"), num(r.decode_err, ".1e"), r.reason]
+            for r in rows]
+    return peers.format_table(["Lk", "splits", "dense us", "decode us", "dense/decode", "dense graph us",
+                               "decode graph us", "graph dense/decode", "dense err", "decode err", "reason"],
+                              body)
+
+
+def main_short(args: argparse.Namespace) -> int:
+    """--short: every (B, Lq, temperature) group over the lengths; a table per group, then the suggested
+    attention.DECODE_MIN_KEYS for eager calls and for graph replays."""
+    grid = "smoke" if args.smoke else "full"
+    shape = SMOKE if args.smoke else FULL
+    env = environment(args, float("nan"), shape)
+    env["shape"] = {**asdict(shape), "b": list(SHORT_BATCHES[grid]), "lq": list(SHORT_QUERY_ROWS),
+                    "causal": True, "max_sets": SHORT_MAX_SETS}
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"bench_decode_short_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    rows: list[ShortRow] = []
+    groups = itertools.product(SHORT_BATCHES[grid], SHORT_QUERY_ROWS, SHORT_TEMPERATURES)
+    for i, (b, lq, temperature) in enumerate(groups):
+        group = [measure_short(b, lq, lk, temperature, shape, args, args.seed + 100 * i + j)
+                 for j, lk in enumerate(args.lk)]
+        rows += group
+        print(f"\nB={b} Hkv={shape.hkv} Hq={shape.hq} D={shape.d} Lq={lq} causal, temperature={temperature}, "
+              f"{args.dtype}")
+        print(short_table(group), flush=True)
+        peers.free_memory()
+        write_results(base, env, rows)  # rewritten after every group: a cut run keeps its rows
+    for mode, what in (("", "eager (back-to-back calls)"), ("_graph", "graph replays (GPU time)")):
+        print(f"decode no slower than dense (within {SHORT_TOLERANCE:.0%}) from Lk = "
+              f"{suggested_threshold(rows, mode)}: {what}")
+    print(f"\nresults: {base}.{{json,csv}}")
+    return 1 if any(r.ok is False or r.reason for r in rows) else 0
+
+
 # --- output ------------------------------------------------------------------------------------
 
 def environment(args: argparse.Namespace, copy: float, shape: Shape) -> dict:
@@ -342,7 +541,7 @@ def environment(args: argparse.Namespace, copy: float, shape: Shape) -> dict:
             "copy_gbps": copy, "copy_mib": args.copy_mib, "warmup_ms": args.warmup, "rep_ms": args.rep}
 
 
-def write_results(base: Path, env: dict, rows: list[Row]) -> None:
+def write_results(base: Path, env: dict, rows: list[Row] | list[ShortRow]) -> None:
     """``base``.json and ``base``.csv, rewritten whole."""
     records = [asdict(r) for r in rows]
     base.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": records}, indent=1))
@@ -351,8 +550,9 @@ def write_results(base: Path, env: dict, rows: list[Row]) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in records:
-            writer.writerow({**{k: env[k] for k in ("gpu", "timestamp", "commit", "dtype")}, **r,
-                             "config": json.dumps(r["config"])})
+            if "config" in r:
+                r = {**r, "config": json.dumps(r["config"])}
+            writer.writerow({**{k: env[k] for k in ("gpu", "timestamp", "commit", "dtype")}, **r})
 
 
 def table(rows: list[Row]) -> str:
@@ -370,6 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not torch.cuda.is_available() and not args.smoke:
         print("no CUDA device: run with --smoke to test the script through the Triton interpreter")
         return 2
+    if args.short:
+        return main_short(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     copy = copy_gbps(args.copy_mib, args.warmup, args.rep)

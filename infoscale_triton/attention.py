@@ -21,7 +21,11 @@ class AttentionEntropy(NamedTuple):
 
 
 # From this many keys on, inference calls with at most MAX_QUERY_ROWS query rows use the decode kernel.
-DECODE_MIN_KEYS = 1024
+# 1: every such call (a short generate() too). The dense forward spends a 64- or 128-row tile on each
+# query head's one row and reads each K/V head once per query head; the decode kernel packs the GQA
+# rows into one tile and, with one split (short caches), is a single launch too. Prediction, to be
+# confirmed on the H100 with `benchmarks/bench_decode.py --short` (benchmarks/NOTES.md).
+DECODE_MIN_KEYS = 1
 
 
 def scaled_dot_product_attention(
@@ -114,8 +118,11 @@ def scaled_dot_product_attention(
 
     Gradients flow to query, key, value and a tensor ``temperature`` through the fused backward
     kernels (deterministic: no atomics, the same bits on every run). Inference calls that decode (at
-    most 16 query rows against at least 1024 keys, no attn_mask, window or dropout) run the split-KV
-    kernel of :func:`infoscale_triton.decode_attention`, which splits the keys across the GPU.
+    most 16 query rows against at least ``infoscale_triton.attention.DECODE_MIN_KEYS`` keys, now 1:
+    any cache; no attn_mask, window or dropout) run the split-KV kernel of
+    :func:`infoscale_triton.decode_attention`, which splits long caches across the GPU. Any
+    ``attn_mask`` keeps a call on the dense kernel, a (B, 1, 1, Lk) padding mask too (Hugging Face's
+    left-padded batches): the decode kernel takes right padding only, as ``kv_lengths``.
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True, kv_lengths=kv_lengths, window=window)

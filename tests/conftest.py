@@ -8,6 +8,7 @@ imports ``infoscale_triton``.
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 
 import pytest
@@ -17,7 +18,8 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from infoscale_triton import forward  # only now: it imports triton and defines the kernels
+from infoscale_triton import attention, decode, forward  # only now: they import triton, define the kernels
+from infoscale_triton.validation import Problem
 
 # Property tests: few examples through the interpreter, more compiled; never a deadline (the first
 # launch of a config compiles). `--hypothesis-profile NAME` picks another.
@@ -58,3 +60,27 @@ def _seed(request: pytest.FixtureRequest) -> None:
     seed = (zlib.crc32(request.node.nodeid.encode()) + base) % 2**32
     print(f"torch seed {seed} (INFOSCALE_TEST_SEED={base})")
     torch.manual_seed(seed)
+
+
+@pytest.fixture
+def dense_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scaled_dot_product_attention without routing decoding-shaped inference calls (Lq <= 16, no mask,
+    window or dropout) to the split-KV decode kernel: for tests whose subject is the dense kernel (the
+    decode kernel has its own, tests/test_decode.py)."""
+    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", sys.maxsize)
+
+
+@pytest.fixture
+def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Spy on the decode launcher (ops.decode looks decode.decode_forward up at each call): the list
+    gets (Lq, Lk) per launch."""
+    calls: list[tuple[int, int]] = []
+    real = decode.decode_forward
+
+    def spy(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, p: Problem, *args: object,
+            **kwargs: object) -> torch.Tensor:
+        calls.append((p.lq, p.lk))
+        return real(query, key_cache, value_cache, p, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_forward", spy)
+    return calls

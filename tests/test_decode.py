@@ -35,7 +35,7 @@ from helpers import (
 )
 
 import infoscale_triton
-from infoscale_triton import decode
+from infoscale_triton import attention, decode
 from infoscale_triton.decode import check_decode_inputs, choose_splits, decode_forward
 
 gpu = pytest.mark.gpu
@@ -324,14 +324,19 @@ def test_refuses_grad(name: str) -> None:
 
 # --- the benchmark script ---------------------------------------------------------------------
 
-@pytest.mark.skipif(ON_GPU, reason="the smoke mode is the CPU stand-in of the GPU benchmark")
-def test_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """benchmarks/bench_decode.py --smoke through the interpreter: it checks ours, times every provider
-    it can (the CUDA-only ones record why not) and writes JSON and CSV."""
+def _benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
     spec = importlib.util.spec_from_file_location("bench_decode", REPO / "benchmarks" / "bench_decode.py")
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.skipif(ON_GPU, reason="the smoke mode is the CPU stand-in of the GPU benchmark")
+def test_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/bench_decode.py --smoke through the interpreter: it checks ours, times every provider
+    it can (the CUDA-only ones record why not) and writes JSON and CSV."""
+    bench = _benchmark_module(monkeypatch)
     assert bench.main(["--smoke", "--out", str(tmp_path), "--rep", "1", "--warmup", "0"]) == 0
     (result,) = tmp_path.glob("bench_decode_*.json")
     rows = json.loads(result.read_text())["rows"]
@@ -339,6 +344,20 @@ def test_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert ours and all(math.isfinite(r["ms"]) for r in ours)
     assert all(r["reason"] for r in rows if r["provider"].startswith("sdpa"))
     assert list(tmp_path.glob("bench_decode_*.csv"))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the smoke mode is the CPU stand-in of the GPU benchmark")
+def test_benchmark_short_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_decode.py --short (the routing threshold's measurement) through the interpreter: both
+    launchers checked and timed at every (B, Lq, temperature) point, JSON and CSV written."""
+    bench = _benchmark_module(monkeypatch)
+    assert bench.main(["--smoke", "--short", "--lk", "16", "--out", str(tmp_path), "--rep", "0",
+                       "--warmup", "0"]) == 0
+    (result,) = tmp_path.glob("bench_decode_short_*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert len(rows) == len(bench.SHORT_QUERY_ROWS) * len(bench.SHORT_TEMPERATURES)
+    assert all(r["ok"] and math.isfinite(r["dense_us"]) and math.isfinite(r["decode_us"]) for r in rows)
+    assert list(tmp_path.glob("bench_decode_short_*.csv"))
 
 
 # --- compiled only ---------------------------------------------------------------------------
@@ -396,32 +415,59 @@ def test_gpu_offsets_past_2_31() -> None:
     check_decode(q, k, v, torch.tensor([length - 3], device=DEVICE), temperature="infoscale", train_len=4096)
 
 
-@pytest.mark.parametrize("lq, lengths, grad, routed", [
-    (1, None, False, True),
-    (4, None, False, True),
-    (1, "edge", False, True),
-    (4, "edge", False, False),  # causal rows align to Lk here, to each cache's length in decode
-    (1, None, True, False),  # training: the dense path has the backward
-], ids=["lq1", "lq4", "lq1-lengths", "lq4-lengths-dense", "grad-dense"])
-def test_dense_function_routes_decoding(monkeypatch: pytest.MonkeyPatch, lq: int, lengths: str | None,
-                                        grad: bool, routed: bool) -> None:
-    """scaled_dot_product_attention sends inference calls with few query rows and many keys to the
-    split-KV kernel (and nothing else), with the dense function's semantics either way."""
-    b, lk = 2, 1100
-    q, k, v = make_qkv(b, 4, 2, lq, lk, 16, 16, torch.float32)
-    kv = edge_lengths(b, lk) if lengths else None
-    calls = []
-    real = decode_forward
+# (Lq, Lk, options, routed): what scaled_dot_product_attention sends to the split-KV kernel, whatever
+# the cache length (test_decode_min_keys: the length threshold). "kv_lengths": "edge" lengths 0, 1,
+# Lk..., "attn_mask": "padding" a (B, 1, 1, Lk) boolean mask (Hugging Face's), "layout" the key's,
+# "grad": the query requires grad.
+ROUTING = {
+    "lq1-short": (1, 20, {}, True),
+    "lq16-short": (16, 9, {}, True),  # causal, Lq > Lk: the first 7 rows see no key
+    "lq1-long": (1, 1100, {}, True),
+    "lq4-long": (4, 1100, {}, True),
+    "lq1-lengths": (1, 1100, {"kv_lengths": "edge"}, True),
+    "lq4-lengths-full": (4, 60, {"kv_lengths": "edge", "is_causal": False}, True),
+    "cos-tensor-temperature": (3, 30, {"cos_scale": 24.0, "temperature": "tensor"}, True),
+    # dense: causal rows align to Lk there, to each cache's own length in decode
+    "lq4-lengths-dense": (4, 60, {"kv_lengths": "edge"}, False),
+    "lq17-dense": (17, 60, {}, False),
+    "padding-mask-dense": (1, 60, {"attn_mask": "padding"}, False),  # left-padded HF batches
+    "window-dense": (1, 60, {"window": (8, 0)}, False),
+    "key-last-stride2-dense": (1, 60, {"layout": "last_stride2"}, False),
+    "grad-dense": (1, 60, {"grad": True}, False),  # training: the dense path has the backward
+}
 
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr("infoscale_triton.decode.decode_forward", spy)  # ops.decode_fwd calls it
-    if grad:
-        q.requires_grad_()
-    opts = dict(is_causal=True, enable_gqa=True, kv_lengths=kv, temperature="infoscale", train_len=64)
-    out = infoscale_triton.scaled_dot_product_attention(q, k, v, **opts)
-    assert bool(calls) == routed
-    ref = reference_in(torch.float64, q.detach(), k, v, **opts)
-    assert_within_budget(out.detach(), ref, reference_in(torch.float32, q.detach(), k, v, **opts))
+@pytest.mark.parametrize("lq,lk,options,routed", ROUTING.values(), ids=ROUTING.keys())
+def test_dense_function_routes_decoding(lq: int, lk: int, options: dict[str, Any], routed: bool,
+                                        decode_calls: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """scaled_dot_product_attention sends inference calls with few query rows to the split-KV kernel
+    (and nothing else), with the dense function's semantics either way."""
+    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 1)
+    b, hq = 3, 4
+    opts = {"is_causal": True, "temperature": "infoscale", "train_len": 16, **options}
+    layout, grad = opts.pop("layout", "contiguous"), opts.pop("grad", False)
+    q, k, v = make_qkv(b, hq, 2, lq, lk, 16, 16, torch.float32, layout=("contiguous", layout, "contiguous"))
+    if opts.get("kv_lengths") == "edge":
+        opts["kv_lengths"] = edge_lengths(b, lk)
+    if opts.get("attn_mask") == "padding":
+        opts["attn_mask"] = (torch.arange(lk, device=DEVICE) >= torch.tensor([0, 5, 30], device=DEVICE)[:, None]
+                             ).view(b, 1, 1, lk)
+    if opts["temperature"] == "tensor":
+        del opts["train_len"]
+        opts.update(make_temperature("tensor_bhl", b, hq, lq))
+    opts["enable_gqa"] = True
+    out = infoscale_triton.scaled_dot_product_attention(q.requires_grad_(grad), k, v, **opts)
+    assert decode_calls == ([(lq, lk)] if routed else [])
+    q = q.detach()
+    ref = reference_in(torch.float64, q, k, v, **opts)
+    assert_within_budget(out.detach(), ref, reference_in(torch.float32, q, k, v, **opts))
+
+
+def test_decode_min_keys(monkeypatch: pytest.MonkeyPatch, decode_calls: list[tuple[int, int]]) -> None:
+    """The routing threshold (measured: benchmarks/bench_decode.py --short): caches shorter than
+    attention.DECODE_MIN_KEYS stay on the dense kernel."""
+    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 48)
+    for lk in (47, 48):
+        q, k, v = make_qkv(1, 4, 2, 2, lk, 16, 16, torch.float32)
+        infoscale_triton.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert decode_calls == [(2, 48)]

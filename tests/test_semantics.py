@@ -38,7 +38,13 @@ def test_zero_rows_under_cos_scale(which: str, is_causal: bool, dtype: torch.dty
 
 @dtypes
 @pytest.mark.parametrize("lq,lk", [(40, 7), (33, 32), (5, 1)])
-def test_causal_longer_queries_start_with_zero_rows(lq: int, lk: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("route", ["routed", "dense"])
+def test_causal_longer_queries_start_with_zero_rows(lq: int, lk: int, dtype: torch.dtype, route: str,
+                                                    request: pytest.FixtureRequest) -> None:
+    """Both kernels: ``routed`` is the public default, where the 5-row case and the one-row call run
+    the decode kernel (attention.decodes); ``dense`` turns that routing off."""
+    if route == "dense":
+        request.getfixturevalue("dense_only")
     q, k, v = make_qkv(2, 2, 2, lq, lk, 32, 16, dtype)
     out = sdpa(q, k, v, is_causal=True, temperature="logn", train_len=4)
     assert (out[:, :, : lq - lk] == 0).all()

@@ -10,6 +10,11 @@ attention (float32 rounding through rotary, RMSNorm, the MLP and the head); the 
 the kernels alone, and far below what the options under test change: a missing padding mask, the
 temperatures and CosScale move the logits by 0.1 to 0.8 relative here (asserted > MEASURABLE below, so
 that these tests can fail).
+
+Kernels: the prompts are 12 tokens, so an inference call that comes without a mask (an unpadded
+batch) runs the split-KV decode kernel (at most 16 query rows: attention.decodes), one with a mask the
+dense kernel, as for any user; test_generate_runs_through_the_decode_kernel checks the routing of a
+generation step by step.
 """
 
 from __future__ import annotations
@@ -227,6 +232,46 @@ def test_generate_matches(options: dict[str, Any], truth: str, padded: bool, cac
                 disable_compile=True)
     ours, ref = runs[NAME], runs[truth]
     assert ours.sequences.shape == (2, LENGTH + 4)
+    assert torch.equal(ours.sequences, ref.sequences), f"{ours.sequences} != {ref.sequences}"
+    for step, (a, b) in enumerate(zip(ours.scores, ref.scores)):
+        assert rel_error(a, b.double()) <= FLOOR[torch.float32], f"scores differ at step {step}"
+
+
+DECODE_PROMPT, NEW_TOKENS = 20, 4  # a prompt above decode.MAX_QUERY_ROWS: its prefill runs the dense kernel
+
+
+@pytest.mark.parametrize("options,truth", [({}, "sdpa"), (OPTIONS["infoscale"], REFERENCE)],
+                         ids=["no_temperature", "infoscale"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_generate_runs_through_the_decode_kernel(options: dict[str, Any], truth: str, padded: bool,
+                                                 decode_calls: list[tuple[int, int]]) -> None:
+    """Greedy generation with a dynamic cache: after the dense prefill, every new token of every layer
+    runs the split-KV decode kernel (one query row against the whole cache, however short), with the
+    tokens and scores of ``truth``. A left-padded batch's steps carry a (B, 1, 1, Lk) mask, which the
+    decode kernel does not take (it takes right padding only, as kv_lengths): they stay dense."""
+    model = tiny_llama()
+    it_hf.configure(model.config, **options)
+    ids = torch.randint(1, 128, (2, DECODE_PROMPT), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :PADS] = 0
+        ids[1, :PADS] = 0
+    runs = {}
+    for implementation in (NAME, truth):
+        model.set_attn_implementation(implementation)
+        decode_calls.clear()
+        with torch.no_grad():
+            runs[implementation] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                cache_implementation="dynamic", return_dict_in_generate=True, output_scores=True,
+                disable_compile=True)
+        if implementation == NAME:
+            ours_calls = list(decode_calls)
+    layers = model.config.num_hidden_layers
+    steps = [] if padded else [(1, DECODE_PROMPT + step) for step in range(1, NEW_TOKENS) for _ in range(layers)]
+    assert ours_calls == steps, f"decode kernel launches (Lq, Lk): {ours_calls}, expected {steps}"
+    assert decode_calls == [], f"{truth} ran our decode kernel"
+    ours, ref = runs[NAME], runs[truth]
     assert torch.equal(ours.sequences, ref.sequences), f"{ours.sequences} != {ref.sequences}"
     for step, (a, b) in enumerate(zip(ours.scores, ref.scores)):
         assert rel_error(a, b.double()) <= FLOOR[torch.float32], f"scores differ at step {step}"
