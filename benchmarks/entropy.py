@@ -194,10 +194,12 @@ class ReferenceGuard:
                       max_abs_err_entropy=(entropy.double() - want[0]).abs().max().item())
         if kwargs.get("cos_scale") is not None and q.dtype in (torch.float16, torch.bfloat16):
             # Under CosScale the kernels read the unit keys rounded to the input dtype (as F.normalize in
-            # that dtype would give them): against the reference on those same keys, the error left is
-            # the kernel's own, separated from the inputs' rounding.
-            unit = torch.nn.functional.normalize(k.double(), dim=-1).to(q.dtype)
-            rounded = self._run(q, unit, logits, **kwargs)
+            # that dtype would give them) and take them as they are (not renormalised): the reference
+            # on those same keys, as dot products s * q_hat . k_rounded, leaves the kernel's own error.
+            unit_k = torch.nn.functional.normalize(k.double(), dim=-1).to(q.dtype)
+            unit_q = torch.nn.functional.normalize(q.double(), dim=-1)
+            rounded = self._run(unit_q, unit_k, logits, **{**kwargs, "cos_scale": None,
+                                                           "scale": kwargs["cos_scale"]})
             record["rel_err_entropy_rounded_unit_keys"] = relative_error(entropy, rounded[0])
         return record
 
