@@ -18,7 +18,8 @@ LOG2E = 1.4426950408889634
 
 # Launch configs come from a table measured on the H100 (kernels/attention_fwd.py: fwd_config).
 # INFOSCALE_TRITON_AUTOTUNE=1 searches the candidates per shape instead (first call of each shape is
-# slow; never inside a CUDA-graph capture).
+# slow). Never inside a CUDA-graph capture: timing there would be captured too, so a capture takes the
+# table's config.
 AUTOTUNE = os.environ.get("INFOSCALE_TRITON_AUTOTUNE", "0") not in ("", "0")
 # A fixed launch config (BLOCK_M, BLOCK_N, WARP_SPEC, num_warps, num_stages) that bypasses both the
 # autotuner and the default: set by benchmarks/sweep_configs.py to time each candidate.
@@ -279,7 +280,8 @@ def attention_forward(
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0, ENTROPY=entropy is not None)
     block_d, block_dv = meta["BLOCK_D"], meta["BLOCK_DV"]
     interpret = interpreter_active()
-    if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None:
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None and not capturing:
         grid = lambda c: (triton.cdiv(p.rows, c["BLOCK_M"]), p.heads_q, p.sequences)  # noqa: E731
         attention_fwd_autotuned[grid](*args, **meta)
     else:

@@ -313,3 +313,65 @@ def test_inductor_decode_cuda_graphs() -> None:
             got = compiled(q, k, v, lengths, **opts).clone()
             torch.testing.assert_close(got, infoscale_triton.decode_attention(q, k, v, lengths, **opts),
                                        atol=1e-6, rtol=0.0)
+
+
+@gpu
+def test_reduce_overhead_training_step() -> None:
+    """Forward and loss under mode="reduce-overhead" (CUDA graphs, the backward graph too), then
+    loss.backward(): every replay, on new inputs, gives eager's gradients bit for bit (the operators
+    are opaque to Inductor, so nothing around the kernels can change their numerics)."""
+
+    def loss_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = sdpa(q, k, v, is_causal=True, enable_gqa=True, temperature="infoscale", train_len=64,
+                   cos_scale=32.0)
+        return (out * w).sum()
+
+    compiled = torch.compile(loss_of, mode="reduce-overhead")
+    for _ in range(4):  # warm-up, recording, then replays
+        inputs = make_qkv(2, 4, 2, 300, 300, 64, 64, torch.bfloat16)
+        w = torch.randn(2, 4, 300, 64, device=DEVICE, dtype=torch.bfloat16)
+        runs = []
+        for fn in (compiled, loss_of):
+            leaves = [x.detach().clone().requires_grad_() for x in inputs]
+            loss = fn(*leaves, w)
+            loss.backward()
+            runs.append([loss.detach().clone(), *(x.grad for x in leaves)])
+        (loss, *grads), (eager_loss, *eager_grads) = runs
+        # Inductor's fused sum may add in another order: the loss to rounding, the gradients exactly
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-2, atol=0.0)
+        for got, want in zip(grads, eager_grads):
+            assert torch.equal(got, want)
+
+
+@gpu
+def test_cuda_graph_capture_autotune_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dense forward+backward captured in torch.cuda.CUDAGraph with the autotuner switched on: the
+    capture takes the table's config (autotuning would time kernels inside the capture) and replays
+    follow new contents of the captured inputs."""
+    from infoscale_triton import forward
+
+    monkeypatch.setattr(forward, "AUTOTUNE", True)
+    leaves = [x.requires_grad_() for x in make_qkv(1, 4, 2, 333, 333, 64, 64, torch.bfloat16)]
+    dout = torch.randn(1, 4, 333, 64, device=DEVICE, dtype=torch.bfloat16)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        out = sdpa(*leaves, is_causal=True, enable_gqa=True, temperature="logn", train_len=64)
+        return (out, *torch.autograd.grad(out, leaves, dout))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        monkeypatch.setattr(forward, "AUTOTUNE", False)
+        step()  # compile the table's config outside the capture
+        monkeypatch.setattr(forward, "AUTOTUNE", True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    monkeypatch.setattr(forward, "AUTOTUNE", False)  # eager comparison with the same (table) config
+    for _ in range(2):
+        for x in (*leaves, dout):
+            x.data.copy_(torch.randn_like(x))
+        graph.replay()
+        for got, want in zip(captured, step()):
+            assert torch.equal(got, want)
