@@ -12,7 +12,6 @@ from .dropout import draw_seed
 from .validation import Problem, check_inputs
 
 
-
 class AttentionEntropy(NamedTuple):
     """Per-row statistics of the attention probabilities, returned with ``return_entropy=True``."""
 

@@ -113,13 +113,13 @@ def test_public_return_entropy(train: bool, operators: bool, monkeypatch: pytest
 
 def test_public_return_entropy_never_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
     """An inference call that would decode stays on the forward kernel, which computes the entropy."""
-    import infoscale_triton.attention as attention
+    from infoscale_triton import attention
 
     monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 16)
     q, k, v = make_qkv(1, 4, 2, 2, 64, 32, 32, torch.float32)
     opts = dict(is_causal=True, enable_gqa=True, temperature="logn", train_len=16)
     with torch.no_grad():
-        out, stats = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **opts)
+        _, stats = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **opts)
     assert_same_stats(stats, fused_entropy(q, k, v, **opts))
     h_ref, _ = reference.attention_entropy(q.double(), k.double(), **opts)
     assert rel_error(stats.entropy, h_ref) <= 1e-5
@@ -132,7 +132,7 @@ def test_public_varlen_return_entropy() -> None:
     cu_k = torch.tensor([0, 12, 20, 41], dtype=torch.int32, device=DEVICE)
     q, k, v = (t[0].transpose(0, 1) for t in make_qkv(1, 4, 2, 33, 41, 32, 16, torch.float32))
     opts = dict(is_causal=True, temperature="infoscale", train_len=8, cos_scale=40.0)
-    out, stats = infoscale_triton.varlen_attention(q, k, v, cu_q, cu_k, return_entropy=True, **opts)
+    _, stats = infoscale_triton.varlen_attention(q, k, v, cu_q, cu_k, return_entropy=True, **opts)
     assert stats.entropy.shape == stats.max_prob.shape == (33, 4)
     for s in range(3):
         (q0, q1), (k0, k1) = cu_q[s : s + 2].tolist(), cu_k[s : s + 2].tolist()
