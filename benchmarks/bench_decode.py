@@ -405,13 +405,9 @@ def short_launchers(temperature: str | None) -> dict[str, Builder]:
 
 
 def decode_splits(q: torch.Tensor, p: Problem) -> int:
-    """The split count decode_forward picks for this problem (its default config and heuristic)."""
-    width = max(triton.next_power_of_2(p.head_dim), 16)
-    rows = p.group * p.lq
-    cfg = decode.CONFIG_OVERRIDE or decode.decode_config(width, width, rows, q.element_size(),
-                                                         interpret=not torch.cuda.is_available())
-    return decode.choose_splits(p.batch, p.heads_kv, triton.cdiv(rows, cfg["BLOCK_M"]), p.lk, cfg["BLOCK_N"],
-                                q.device)
+    """The split count decode_forward picks for this problem."""
+    width, width_v = (max(triton.next_power_of_2(d), 16) for d in (p.head_dim, p.head_dim_v))
+    return decode.split_plan(p, width, width_v, q.element_size(), q.device)[2]
 
 
 def back_to_back_ms(fns: Sequence[Fn], warmup_ms: float, rep_ms: float) -> float:

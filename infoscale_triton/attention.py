@@ -9,7 +9,7 @@ import torch
 from . import ops
 from .decode import MAX_QUERY_ROWS
 from .dropout import draw_seed
-from .validation import Problem, check_inputs
+from .validation import Problem, check_bool, check_inputs
 
 
 class AttentionEntropy(NamedTuple):
@@ -132,18 +132,14 @@ def scaled_dot_product_attention(
         # a learned additive bias would silently get no gradient
         raise NotImplementedError("attn_mask requires grad: gradients for the mask are not supported; "
                                   "pass attn_mask.detach() or use infoscale_triton.reference")
+    check_bool("return_entropy", return_entropy)
     # drawn first, before anything else random (dropout.py: how to get this call's mask)
-    check_flag("return_entropy", return_entropy)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
     if not needs_grad and not return_entropy and decodes(p, key, value):
         return ops.decode(query, key, value, p)
     out, stats = ops.attention(query, key, value, p, seed, return_entropy)
     return (out, AttentionEntropy(stats[0], stats[1])) if return_entropy else out
 
-
-def check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def decodes(p: Problem, key: torch.Tensor, value: torch.Tensor) -> bool:

@@ -140,6 +140,16 @@ def choose_splits(batch: int, heads_kv: int, row_blocks: int, lk: int, block_n: 
     return triton.cdiv(tiles, triton.cdiv(tiles, splits))
 
 
+def split_plan(p: Problem, block_d: int, block_dv: int, elsize: int, device: torch.device,
+               num_splits: int | None = None) -> tuple[dict, int, int]:
+    """decode_forward's (split-kernel config, row blocks per kv head, splits per sequence)."""
+    rows = p.group * p.lq  # packed rows per kv head
+    cfg = dict(CONFIG_OVERRIDE or decode_config(block_d, block_dv, rows, elsize, interpreter_active()))
+    row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+    splits = num_splits or choose_splits(p.batch, p.heads_kv, row_blocks, p.lk, cfg["BLOCK_N"], device)
+    return cfg, row_blocks, splits
+
+
 def decode_forward(
     query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, p: Problem,
     num_splits: int | None = None, out: torch.Tensor | None = None,
@@ -148,7 +158,7 @@ def decode_forward(
     ``p.kv_lengths``. ``out``, if given, is written in place (tests pass a NaN-poisoned one)."""
     _ensure_allocator()
     q, k, v = query, key_cache, value_cache
-    device, interpret = q.device, interpreter_active()
+    device = q.device
     if out is None:
         out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
     dummy = torch.empty(1, dtype=torch.float32, device=device)
@@ -158,14 +168,11 @@ def decode_forward(
     meta = {name: opt.meta[name] for name in
             ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "COS", "DOT_PREC")}
 
-    rows = p.group * p.lq  # packed rows per kv head
-    cfg = dict(CONFIG_OVERRIDE or decode_config(meta["BLOCK_D"], meta["BLOCK_DV"], rows, q.element_size(),
-                                                interpret))
-    row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+    cfg, row_blocks, splits = split_plan(p, meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(), device,
+                                         num_splits)
     tma = cfg.pop("TMA", None)
     if tma is None:
         tma = _tma_ready(k) and _tma_ready(v)
-    splits = num_splits or choose_splits(p.batch, p.heads_kv, row_blocks, p.lk, cfg["BLOCK_N"], device)
     direct = splits == 1
     if direct:
         acc_ws = max_ws = sum_ws = dummy

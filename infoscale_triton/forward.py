@@ -280,8 +280,8 @@ def attention_forward(
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == MODE_TENSOR or p.scale < 0, ENTROPY=entropy is not None)
     block_d, block_dv = meta["BLOCK_D"], meta["BLOCK_DV"]
     interpret = interpreter_active()
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    if AUTOTUNE and not interpret and CONFIG_OVERRIDE is None and not capturing:
+    if (AUTOTUNE and not interpret and CONFIG_OVERRIDE is None
+            and not (q.is_cuda and torch.cuda.is_current_stream_capturing())):
         grid = lambda c: (triton.cdiv(p.rows, c["BLOCK_M"]), p.heads_q, p.sequences)  # noqa: E731
         attention_fwd_autotuned[grid](*args, **meta)
     else:

@@ -93,6 +93,11 @@ def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
 
 
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def check_inputs(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -181,10 +186,8 @@ def check_inputs(
 
     if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    check_bool("is_causal", is_causal)
+    check_bool("enable_gqa", enable_gqa)
 
     if cos_scale is not None:
         if not _is_real(cos_scale) or not math.isfinite(cos_scale) or cos_scale <= 0:

@@ -8,9 +8,9 @@ import numbers
 import torch
 
 from . import ops
-from .attention import AttentionEntropy, check_flag
+from .attention import AttentionEntropy
 from .dropout import draw_seed
-from .validation import _broadcastable, _shape, check_inputs, check_lengths
+from .validation import _broadcastable, _shape, check_bool, check_inputs, check_lengths
 
 
 def varlen_attention(
@@ -76,7 +76,7 @@ def varlen_attention(
     p = check_inputs(q4, k4, v4, None, dropout_p, is_causal, scale, heads_q != heads_kv, temp4, train_len,
                      cos_scale, kernel=True, window=window)
     p = dataclasses.replace(p, **_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.device))
-    check_flag("return_entropy", return_entropy)
+    check_bool("return_entropy", return_entropy)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
     out, stats = ops.attention(q4, k4, v4, p, seed, return_entropy)
     out = out[0].transpose(0, 1)
