@@ -21,7 +21,7 @@ Causality is bottom-right against the valid length: row i (of Lq) sees keys j <=
 import triton
 import triton.language as tl
 
-from .primitives import TEMP_NONE, row_temperature, visible_keys
+from .primitives import TEMP_NONE, dot, row_temperature, visible_keys
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _split_tiles(
         key_ok = offs_n < len_b
         k = _kv_tile(k_src, start_n, stride_kn, key_ok, HEAD_D, BLOCK_D, BLOCK_N, MASKED, TMA)
         # always the full product with rs: a tensor temperature or a scale may be negative
-        s = tl.dot(q, k.T, input_precision=DOT_PREC) * rs[:, None]
+        s = dot(q, k.T, None, DOT_PREC) * rs[:, None]
         if COS:
             s = s * _inv_norm(k)[None, :]
         if MASKED:
@@ -88,7 +88,7 @@ def _split_tiles(
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _kv_tile(v_src, start_n, stride_vn, key_ok, HEAD_DV, BLOCK_DV, BLOCK_N, MASKED, TMA)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 

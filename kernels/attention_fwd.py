@@ -21,6 +21,7 @@ from .primitives import (
     MASK_NONE,
     TEMP_NONE,
     batch_extent,
+    dot,
     dropout_keep,
     key_blocks,
     key_validity,
@@ -46,7 +47,7 @@ def _fwd_tiles(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([start_n, 0])
-        qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+        qk = dot(q, k.T, None, DOT_PREC)
         if MASKED:
             valid, bias = key_validity(offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_mm, stride_mn,
                                        MASK_MODE)
@@ -83,7 +84,7 @@ def _fwd_tiles(
             # after the row sum: l_i normalises the undropped p (1 / (1 - dropout_p) comes in the epilogue)
             p = tl.where(dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
         v = v_desc.load([start_n, 0])
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        acc = dot(p.to(v.dtype), v, acc, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i, u_i
 

@@ -5,6 +5,16 @@ temperature, key validity of a tile, and attention dropout's keep mask."""
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Whether triton.jit made interpreter functions of these kernels (TRITON_INTERPRET when this module was
+# imported; Triton decides at decoration, so ask it rather than parse the variable again).
+INTERPRETED = tl.constexpr(not isinstance(_probe, triton.runtime.JITFunction))
+
 # TEMP_MODE codes (mirrors infoscale_triton.temperature).
 TEMP_NONE = tl.constexpr(0)
 TEMP_INFOSCALE = tl.constexpr(1)
@@ -15,6 +25,20 @@ TEMP_TENSOR = tl.constexpr(3)
 MASK_NONE = tl.constexpr(0)
 MASK_BOOL = tl.constexpr(1)
 MASK_ADD = tl.constexpr(2)
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """tl.dot(a, b, acc) in float32 accumulation. Triton's interpreter (3.6 to 3.8 at least) multiplies
+    bfloat16 tiles as their raw 16-bit integers: there, and only there (INTERPRETED is a constexpr, so
+    compiled code is unchanged), bfloat16 operands are widened to float32 first, which is exact, and
+    every product of two bfloat16 values is exact in float32 as on the GPU's tensor cores."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
