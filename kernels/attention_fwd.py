@@ -71,10 +71,12 @@ def _fwd_tiles(
             m_sub = m_new
         alpha = tl.math.exp2(m_i - m_sub)
         if ENTROPY:
-            # u relative to the new max: alpha (u + l (m_old - m_new)); p (s - m) is 0 where p is 0
-            shift = tl.where(l_i > 0, l_i * (m_i - m_sub), 0.0)
+            # u relative to the new max: alpha (u + l (m_old - m_new)). A difference that can be -inf is
+            # zeroed before its product, never after (0 * -inf is NaN): m_old - m_new where alpha = 0
+            # (m_old = -inf before the first key, or underflow), s - m where p = 0 (hidden keys)
+            shift = l_i * tl.where(alpha > 0, m_i - m_sub, 0.0)
             if MASKED:
-                term = tl.where(p > 0, p * (s - m_sub[:, None]), 0.0)
+                term = p * tl.where(p > 0, s - m_sub[:, None], 0.0)
             else:
                 term = p * (qk * rs[:, None] - m_sub[:, None])
             u_i = alpha * (u_i + shift) + tl.sum(term, 1)
