@@ -45,13 +45,12 @@ def dot(a, b, acc, DOT_PREC: tl.constexpr):
 def batch_extent(b, Lq, Lk, CuQ, CuK, KvRange, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr):
     """Where batch entry ``b`` lives: (bq, q_start, lq, k_start, lk, kv_lo, kv_hi). Dense inputs: batch
     index bq = b, rows [0, Lq), keys [0, Lk). VARLEN: one packed sequence per ``b`` (the 4-d views have
-    a single batch entry, bq = 0) starting at row CuQ[b] / key CuK[b]. Keys outside [kv_lo, kv_hi)
-    (per-batch key padding, HAS_KV_RANGE: KvRange[b] = (lo, hi), clamped to [0, lk]) are never seen."""
+    a single batch entry, bq = 0, of Lq query and Lk key tokens) starting at row CuQ[b] / key CuK[b].
+    Keys outside [kv_lo, kv_hi) (per-batch key padding, HAS_KV_RANGE: KvRange[b] = (lo, hi), clamped to
+    [0, lk]) are never seen."""
     if VARLEN:
-        q_start = tl.load(CuQ + b)
-        lq = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        lk = tl.load(CuK + b + 1) - k_start
+        q_start, lq = _packed_extent(CuQ, b, Lq)
+        k_start, lk = _packed_extent(CuK, b, Lk)
         bq = b * 0
     else:
         q_start = b * 0
@@ -65,6 +64,18 @@ def batch_extent(b, Lq, Lk, CuQ, CuK, KvRange, VARLEN: tl.constexpr, HAS_KV_RANG
         kv_lo = tl.minimum(tl.maximum(tl.load(KvRange + 2 * b), 0), lk)
         kv_hi = tl.minimum(tl.maximum(tl.load(KvRange + 2 * b + 1), kv_lo), lk)
     return bq.to(tl.int64), q_start, lq, k_start, lk, kv_lo, kv_hi
+
+
+@triton.jit
+def _packed_extent(Cu, b, tokens):
+    """(start, length) of packed sequence ``b`` from the offsets Cu[b], Cu[b + 1], which the host never
+    reads (a sync): each offset is clamped to [0, tokens] and the end to at least the start, so that no
+    offset, however wrong, reaches outside the tensors. An empty sequence starts at 0: the kernels
+    load a tile at the start unconditionally, and row 0 exists where row ``tokens`` would not (the
+    public functions return before any launch when there is no token)."""
+    start = tl.minimum(tl.maximum(tl.load(Cu + b), 0), tokens)
+    end = tl.minimum(tl.maximum(tl.load(Cu + b + 1), start), tokens)
+    return tl.where(end > start, start, 0), end - start
 
 
 @triton.jit
