@@ -48,7 +48,9 @@ def varlen_attention(
             offsets are not read on the host (that would synchronise): on the device each is clamped to
             ``[0, Tq]`` (``[0, Tk]`` for keys) and each sequence's end to at least its start, so offsets
             beyond the packed tokens never reach memory outside the tensors; such a sequence is cut at
-            the last token (an end below its start makes it empty).
+            the last token, and an end below its start makes it empty. (Offsets that decrease and rise
+            again make sequences overlap: their values are then unspecified, their accesses still
+            within the tensors.)
         max_seqlen_q, max_seqlen_k: the longest query / key sequence. Give them to keep the call free of
             host synchronisation (CUDA-graph capturable); they must not be smaller than any length (as
             with FlashAttention, this is not checked: rows past them are not computed). None reads them
