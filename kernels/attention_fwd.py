@@ -21,6 +21,7 @@ from .primitives import (
     MASK_NONE,
     TEMP_NONE,
     batch_extent,
+    cast,
     dot,
     dropout_keep,
     key_blocks,
@@ -86,7 +87,7 @@ def _fwd_tiles(
             # after the row sum: l_i normalises the undropped p (1 / (1 - dropout_p) comes in the epilogue)
             p = tl.where(dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
         v = v_desc.load([start_n, 0])
-        acc = dot(p.to(v.dtype), v, acc, DOT_PREC)
+        acc = dot(cast(p, v.dtype), v, acc, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i, u_i
 
@@ -218,7 +219,7 @@ def attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     o_ptrs = (Out + bq * stride_ob + h64 * stride_oh
               + (q_rows + offs_m[:, None].to(tl.int64)) * stride_om + offs_dv[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
 
 def _config(block_m, block_n, warps, stages, warp_spec=False):

@@ -42,6 +42,21 @@ def dot(a, b, acc, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for float32 ``x``. The interpreter truncates float32 to bfloat16 (and its "rtne"
+    mode carries into the exponent wrongly): there, and only there, bfloat16 is rounded to nearest
+    even in integer arithmetic, as the GPU rounds (NaN stays NaN, overflow gives inf)."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        y = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def batch_extent(b, Lq, Lk, CuQ, CuK, KvRange, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr):
     """Where batch entry ``b`` lives: (bq, q_start, lq, k_start, lk, kv_lo, kv_hi). Dense inputs: batch
     index bq = b, rows [0, Lq), keys [0, Lk). VARLEN: one packed sequence per ``b`` (the 4-d views have
