@@ -118,7 +118,8 @@ def _looks_transposed(query: torch.Tensor, key: torch.Tensor, names: tuple[str, 
             "view, read in place)")
 
 
-def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool, names: tuple[str, str, str]) -> None:
+def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool,
+                 names: tuple[str, str, str]) -> None:
     heads_q, heads_kv = query.shape[1], key.shape[1]
     grouped = heads_kv > 0 and heads_q % heads_kv == 0
     if heads_q == heads_kv or (enable_gqa and grouped):

@@ -83,8 +83,9 @@ def varlen_attention(
         temp4 = torch.broadcast_to(temperature, (query.shape[0], heads_q)).transpose(0, 1).unsqueeze(0)
     p = check_inputs(q4, k4, v4, None, dropout_p, is_causal, scale, heads_q != heads_kv, temp4, train_len,
                      cos_scale, kernel=True, window=window)
-    p = dataclasses.replace(p, **_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.shape[0],
-                                          key.shape[0], query.device))
+    offsets = _offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.shape[0], key.shape[0],
+                       query.device)
+    p = dataclasses.replace(p, **offsets)
     check_bool("return_entropy", return_entropy)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
     if nothing_to_compute(p):
@@ -111,7 +112,8 @@ def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, tokens_q:
         raise ValueError(f"cu_seqlens_q {_shape(cu_q)} and cu_seqlens_k {_shape(cu_k)} must have the same "
                          "length (one entry per sequence, plus one)")
     fields = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
-    for name, given, cu, tokens in (("max_seqlen_q", max_q, cu_q, tokens_q), ("max_seqlen_k", max_k, cu_k, tokens_k)):
+    for name, given, cu, tokens in (("max_seqlen_q", max_q, cu_q, tokens_q),
+                                    ("max_seqlen_k", max_k, cu_k, tokens_k)):
         if given is None:
             given = int(sequence_lengths(cu, tokens).max().item()) if cu.shape[0] > 1 else 0  # one sync
         elif not isinstance(given, numbers.Integral) or isinstance(given, bool) or given < 0:

@@ -35,7 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # exp2 then takes to 0 or inf as intended). "invalid value" (a NaN made, e.g. 0 * -inf) is not
     # noise: it stays visible.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.runtime.interpreter")
-    config.addinivalue_line("filterwarnings", "ignore:(?!invalid value):RuntimeWarning:triton.runtime.interpreter")
+    config.addinivalue_line("filterwarnings",
+                            "ignore:(?!invalid value):RuntimeWarning:triton.runtime.interpreter")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

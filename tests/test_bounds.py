@@ -85,8 +85,8 @@ def test_varlen_offsets_out_of_range(case: str) -> None:
     opts: dict[str, Any] = dict(is_causal=True, cos_scale=24.0, window=(9, 0) if case == "huge" else None)
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, temperature)]
     with checked():
-        out, stats = infoscale_triton.varlen_attention(*leaves[:3], cu_q, cu_k, max_q, max_k, temperature=leaves[3],
-                                                       return_entropy=True, **opts)
+        out, stats = infoscale_triton.varlen_attention(*leaves[:3], cu_q, cu_k, max_q, max_k,
+                                                       temperature=leaves[3], return_entropy=True, **opts)
         grads = torch.autograd.grad(out, leaves, dout)
     if case == "overlapping":
         return

@@ -18,7 +18,8 @@ from infoscale_triton import reference
 # (query, key, value) shapes and options; torch's SDPA gives the expected output and gradients
 DENSE = {
     "no-key": ((2, 4, 5, 16), (2, 4, 0, 16), (2, 4, 0, 16), {}),
-    "no-key-causal-gqa": ((2, 4, 5, 16), (2, 2, 0, 16), (2, 2, 0, 24), {"is_causal": True, "enable_gqa": True}),
+    "no-key-causal-gqa": ((2, 4, 5, 16), (2, 2, 0, 16), (2, 2, 0, 24),
+                          {"is_causal": True, "enable_gqa": True}),
     "no-query": ((2, 4, 0, 16), (2, 4, 7, 16), (2, 4, 7, 16), {"is_causal": True}),
     "no-batch": ((0, 4, 5, 16), (0, 4, 5, 16), (0, 4, 5, 16), {}),
     "no-head": ((2, 0, 5, 16), (2, 0, 5, 16), (2, 0, 5, 16), {}),
@@ -41,7 +42,8 @@ def outputs_and_grads(fn: Any, tensors: list[torch.Tensor], **opts: Any) -> list
 
 def assert_same(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
     for g, w in zip(got, want, strict=True):
-        assert g.shape == w.shape and g.dtype == w.dtype, f"{tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}"
+        assert g.shape == w.shape and g.dtype == w.dtype, (
+            f"{tuple(g.shape)} {g.dtype} vs {tuple(w.shape)} {w.dtype}")
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
@@ -65,15 +67,16 @@ def test_no_key_with_every_option() -> None:
     q, k, v = leaves((2, 4, 6, 16), (2, 2, 0, 16), (2, 2, 0, 16))
     temperature = (torch.rand(2, 1, 6, device=DEVICE) + 0.5).requires_grad_()
     opts: dict[str, Any] = dict(attn_mask=torch.ones(6, 0, dtype=torch.bool, device=DEVICE), is_causal=True,
-                                enable_gqa=True, kv_lengths=torch.tensor([3, 0], device=DEVICE), window=(2, 0),
-                                cos_scale=32.0)
+                                enable_gqa=True, kv_lengths=torch.tensor([3, 0], device=DEVICE),
+                                window=(2, 0), cos_scale=32.0)
     fused = outputs_and_grads(lambda q, k, v, t, **o: infoscale_triton.scaled_dot_product_attention(
         q, k, v, temperature=t, dropout_p=0.2, **o), [q, k, v, temperature], **opts)
     want = outputs_and_grads(lambda q, k, v, t, **o: reference.scaled_dot_product_attention(
         q, k, v, temperature=t, **o), [q, k, v, temperature], **opts)
     assert_same(fused, want)
     assert (want[0] == 0).all() and (want[-1] == 0).all()
-    entropy, largest = reference.attention_entropy(q.detach(), k.detach(), temperature=temperature.detach(), **opts)
+    entropy, largest = reference.attention_entropy(q.detach(), k.detach(), temperature=temperature.detach(),
+                                                   **opts)
     assert entropy.shape == largest.shape == (2, 4, 6) and (entropy == 0).all() and (largest == 0).all()
 
 
@@ -89,11 +92,13 @@ def test_varlen(case: str) -> None:
     tensors = leaves((tq, 4, 16), (tk, 2, 16), (tk, 2, 32))
     cu = [torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cu_q, cu_k)]
     opts = dict(is_causal=True, temperature="infoscale", train_len=8)
-    fused = outputs_and_grads(lambda *t, **o: infoscale_triton.varlen_attention(*t, *cu, **o), tensors, **opts)
+    fused = outputs_and_grads(lambda *t, **o: infoscale_triton.varlen_attention(*t, *cu, **o), tensors,
+                              **opts)
     want = outputs_and_grads(lambda *t, **o: reference.varlen_attention(*t, *cu, **o), tensors, **opts)
     assert_same(fused, want)
     assert fused[0].shape == (tq, 4, 32) and (fused[0] == 0).all() and all((g == 0).all() for g in fused[1:])
-    _, stats = infoscale_triton.varlen_attention(*(t.detach() for t in tensors), *cu, 1, 1, return_entropy=True)
+    _, stats = infoscale_triton.varlen_attention(*(t.detach() for t in tensors), *cu, 1, 1,
+                                                 return_entropy=True)
     assert all(field.shape == (tq, 4) and (field == 0).all() for field in stats)
 
 
@@ -115,7 +120,8 @@ def test_compiled() -> None:
     tensors = leaves((2, 4, 5, 16), (2, 2, 0, 16), (2, 2, 0, 16))
     opts = dict(is_causal=True, enable_gqa=True, temperature="infoscale", train_len=8)
     torch._dynamo.reset()
-    compiled = torch.compile(infoscale_triton.scaled_dot_product_attention, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(infoscale_triton.scaled_dot_product_attention, backend="aot_eager",
+                             fullgraph=True)
     try:
         got = outputs_and_grads(compiled, tensors, **opts)
     finally:

@@ -35,14 +35,14 @@ def test_cast_rounds_to_nearest_even(dtype: torch.dtype) -> None:
     infinities and NaN."""
     special = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2 - 2**-9, 255.99, 3.3e38, -3.4e38, 1e-39,
                             -2e-40, 0.0, -0.0, float("inf"), float("-inf"), float("nan")])
-    x = torch.cat([torch.randn(1024 - special.numel()) * 10.0 ** torch.randint(-30, 30, (1024 - special.numel(),)),
-                   special]).to(DEVICE)
+    n = 1024 - special.numel()
+    x = torch.cat([torch.randn(n) * 10.0 ** torch.randint(-30, 30, (n,)), special]).to(DEVICE)
     y = torch.empty(1024, dtype=dtype, device=DEVICE)
     _cast_kernel[(1,)](x, y, 1024)
     want = x.to(dtype)
     same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
-    assert same.all(), f"{int((~same).sum())} differ, e.g. {x[~same][:4].tolist()} -> {y[~same][:4].tolist()} " \
-                       f"instead of {want[~same][:4].tolist()}"
+    assert same.all(), (f"{int((~same).sum())} differ, e.g. {x[~same][:4].tolist()} -> "
+                        f"{y[~same][:4].tolist()} instead of {want[~same][:4].tolist()}")
 
 
 def test_bfloat16_dot() -> None:

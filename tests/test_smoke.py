@@ -44,7 +44,8 @@ def sizes(gpu: tuple, cpu: tuple) -> tuple:
 DENSE = {
     "bf16-d128-causal-gqa-infoscale-padding-window": (
         torch.bfloat16, (2, 8, 2, 1000, 1000, 128, 128), (2, 4, 2, 16, 36, 32, 32),
-        dict(is_causal=True, temperature="infoscale", train_len=512, kv_lengths=(1.0, 0.37), window=(300, 0))),
+        dict(is_causal=True, temperature="infoscale", train_len=512, kv_lengths=(1.0, 0.37),
+             window=(300, 0))),
     "fp16-d64-bool-mask-tensor-temperature-cos": (
         torch.float16, (2, 4, 4, 700, 900, 64, 64), (2, 2, 2, 33, 47, 64, 16),
         dict(attn_mask="bool_empty_rows", temperature="tensor_b1l", cos_scale=64.0)),
@@ -103,9 +104,10 @@ def test_dropout() -> None:
     torch.manual_seed(1234)
     keep = dropout_mask(draw_seed(DEVICE), (b, hq, lq, lk), p)
     assert 0 < keep.float().mean().item() < 1
-    _check_against(fused, lambda *x: reference.scaled_dot_product_attention(*x, dropout_p=p, dropout_mask=keep,
-                                                                            **opts),
-                   [q, k, v], dout, ("out", "dq", "dk", "dv"), dtype)
+    def ref(*x: torch.Tensor) -> torch.Tensor:
+        return reference.scaled_dot_product_attention(*x, dropout_p=p, dropout_mask=keep, **opts)
+
+    _check_against(fused, ref, [q, k, v], dout, ("out", "dq", "dk", "dv"), dtype)
 
 
 def test_varlen_with_entropy() -> None:
@@ -115,7 +117,7 @@ def test_varlen_with_entropy() -> None:
     d, hq, dtype = sizes(128, 32), sizes(8, 4), torch.bfloat16
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32).to(DEVICE)
     tokens = int(lens.sum()) + 2
-    q, k, v = randn(tokens, hq, d, dtype=dtype), randn(tokens, 2, d, dtype=dtype), randn(tokens, 2, d, dtype=dtype)
+    q, k, v = (randn(tokens, h, d, dtype=dtype) for h in (hq, 2, 2))
     dout = randn(tokens, hq, d, dtype=dtype)
     opts = dict(is_causal=True, temperature="infoscale", train_len=256)
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
@@ -139,8 +141,8 @@ def test_decode() -> None:
     """bfloat16 split-KV decoding, D = 128, GQA 4, ragged cache lengths, two query rows: split and
     combine (default splits), and a single direct split."""
     b, lk = 2, sizes(5000, 70)
-    q, k, v = make_qkv(b, 8, 2, 2, lk, sizes(128, 32), sizes(128, 32), torch.bfloat16, layout=("contiguous", "blhd",
-                                                                                                 "blhd"))
+    d = sizes(128, 32)
+    q, k, v = make_qkv(b, 8, 2, 2, lk, d, d, torch.bfloat16, layout=("contiguous", "blhd", "blhd"))
     lengths = torch.tensor([lk, lk // 3 + 1], dtype=torch.int32, device=DEVICE)
     for splits in (sizes(None, 3), 1):  # (the interpreter's short caches would get one split by default)
         check_decode(q, k, v, lengths, splits, temperature="infoscale", train_len=1024)
