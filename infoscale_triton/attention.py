@@ -9,6 +9,7 @@ import torch
 from . import ops
 from .decode import MAX_QUERY_ROWS
 from .dropout import draw_seed
+from .empty import nothing_to_compute, zero_output, zero_stats
 from .validation import Problem, check_bool, check_inputs
 
 
@@ -76,7 +77,8 @@ def scaled_dot_product_attention(
                 Lq=2, Lk=5:   1 1 1 1 0
                               1 1 1 1 1
 
-            A row that may attend to no key returns zeros.
+            A row that may attend to no key returns zeros (``Lk = 0`` too, as with torch's SDPA: zeros,
+            and zero gradients; ``B``, ``Hq`` or ``Lq`` of 0 give an empty output).
         scale: ``c``; default ``1/sqrt(D)``. Must be None with ``cos_scale``.
         enable_gqa: share each key/value head among ``Hq // Hkv`` query heads (never copied).
         temperature: None; ``"infoscale"``: ``t_i = sqrt((1 - n_i^(-2/D)) / (1 - N^(-2/D)))``;
@@ -135,6 +137,9 @@ def scaled_dot_product_attention(
     check_bool("return_entropy", return_entropy)
     # drawn first, before anything else random (dropout.py: how to get this call's mask)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
+    if nothing_to_compute(p):
+        out = zero_output((p.batch, p.heads_q, p.lq, p.head_dim_v), query, key, value, temperature)
+        return (out, AttentionEntropy(*zero_stats(out.shape[:3], query.device))) if return_entropy else out
     if not needs_grad and not return_entropy and decodes(p, key, value):
         return ops.decode(query, key, value, p)
     out, stats = ops.attention(query, key, value, p, seed, return_entropy)

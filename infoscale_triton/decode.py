@@ -10,6 +10,7 @@ import torch
 import triton
 
 from . import ops
+from .empty import nothing_to_compute
 from .forward import LOG2E, _ensure_allocator, _tma_ready, launch_options
 from .kernels.attention_decode import decode_combine_kernel, decode_config, decode_split_kernel
 from .validation import Problem, check_inputs, interpreter_active
@@ -47,7 +48,7 @@ def decode_attention(
     keys over many programs (so that a single sequence still fills the GPU) and merging the splits
     with a log-sum-exp combine. Each key/value tile is read once for all the query heads sharing it.
 
-    Shapes: query ``(B, Hq, Lq, D)`` with ``1 <= Lq <= 16``; key_cache ``(B, Hkv, Lk, D)``; value_cache
+    Shapes: query ``(B, Hq, Lq, D)`` with ``Lq <= 16``; key_cache ``(B, Hkv, Lk, D)``; value_cache
     ``(B, Hkv, Lk, Dv)``; returns ``(B, Hq, Lq, Dv)`` in the input dtype. ``Hq`` must be a multiple of
     ``Hkv`` (grouped-query attention; the cache is never copied). Any strides with a unit last stride
     work for the caches, e.g. a ``(B, Lk, Hkv, D)`` buffer transposed; query may have any strides.
@@ -64,7 +65,7 @@ def decode_attention(
                                        1 1 1 1 1 . .     (. = beyond len_b, never read into the result)
 
             Without it every row sees all ``len_b`` keys. A row that sees no key (``len_b - Lq + i < 0``
-            or ``len_b = 0``) returns zeros.
+            or ``len_b = 0``, or an empty cache, ``Lk = 0``) returns zeros.
         scale: ``c``; default ``1/sqrt(D)``. Must be None with ``cos_scale``.
         temperature: None; ``"infoscale"``: ``t_i = sqrt((1 - n_i^(-2/D)) / (1 - N^(-2/D)))``;
             ``"logn"``: ``t_i = ln(n_i) / ln(N)``; ``"infoscale_clipped"`` / ``"logn_clipped"``:
@@ -85,6 +86,8 @@ def decode_attention(
     p = check_decode_inputs(query, key_cache, value_cache, kv_lengths, is_causal, scale, temperature,
                             train_len, cos_scale, num_splits)
     refuse_grad(query=query, key_cache=key_cache, value_cache=value_cache, temperature=temperature)
+    if nothing_to_compute(p):  # Lk = 0: every row sees no key
+        return query.new_zeros(p.batch, p.heads_q, p.lq, p.head_dim_v)
     return ops.decode(query, key_cache, value_cache, p, num_splits)
 
 

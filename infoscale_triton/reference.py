@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .empty import zero_output
 from .temperature import row_temperature
 from .validation import Problem, _broadcastable, check_inputs
 
@@ -126,7 +127,8 @@ def attention_entropy(
                      cos_scale, kernel=False, kv_lengths=kv_lengths, window=window)
     probs = _probabilities(query, key, p)
     plogp = torch.where(probs > 0, probs * torch.log(torch.where(probs > 0, probs, 1)), 0)
-    return -plogp.sum(-1), probs.amax(-1)
+    largest = probs.amax(-1) if p.lk > 0 else probs.new_zeros(probs.shape[:-1])  # (amax of no element fails)
+    return -plogp.sum(-1), largest
 
 
 def _probabilities(query: torch.Tensor, key: torch.Tensor, p: Problem) -> torch.Tensor:
@@ -181,11 +183,13 @@ def varlen_attention(
     cos_scale: float | None = None,
 ) -> torch.Tensor:
     """Reference for :func:`infoscale_triton.varlen_attention`: the dense reference on each sequence
-    (packed ``(T, H, D)`` tensors; tokens past the last offset and rows that see no key get zeros)."""
-    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
-    for s in range(len(cu_q) - 1):
-        (q0, q1), (k0, k1) = cu_q[s : s + 2], cu_k[s : s + 2]
+    (packed ``(T, H, D)`` tensors; tokens past the last offset and rows that see no key get zeros).
+    Offsets are clamped as the fused function documents: to [0, T], each end to at least its start."""
+    # zeros that are differentiable even if no sequence is written below (no key token, say)
+    out = zero_output((query.shape[0], query.shape[1], value.shape[-1]), query, key, value, temperature)
+    for s in range(len(cu_seqlens_q) - 1):
+        (q0, q1), (k0, k1) = (_clamped_extent(cu, s, x.shape[0])
+                              for cu, x in ((cu_seqlens_q, query), (cu_seqlens_k, key)))
         if q1 == q0 or k1 == k0:
             continue
         q, k, v = (x[a:b].transpose(0, 1).unsqueeze(0) for x, a, b in
@@ -198,3 +202,8 @@ def varlen_attention(
                                          window=window)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
+
+
+def _clamped_extent(cu_seqlens: torch.Tensor, s: int, tokens: int) -> tuple[int, int]:
+    start = min(max(int(cu_seqlens[s]), 0), tokens)
+    return start, min(max(int(cu_seqlens[s + 1]), start), tokens)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.primitives import INTERPRETED
 from .temperature import TEMPERATURE_CHOICES, TemperatureSpec
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,7 +50,7 @@ class Problem:
 
     @property
     def group(self) -> int:
-        return self.heads_q // self.heads_kv
+        return self.heads_q // self.heads_kv if self.heads_kv else 1
 
     @property
     def varlen(self) -> bool:
@@ -71,12 +72,67 @@ class Problem:
 
 
 # Triton picks the interpreter or the compiler when the kernels are decorated, i.e. when this package
-# is imported: read the switch once, at the same moment, so that validation agrees with the kernels.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# is imported: ask the kernels what it picked, so that validation agrees with them.
+_INTERPRET = bool(INTERPRETED.value)
 
 
 def interpreter_active() -> bool:
     return _INTERPRET
+
+
+def _interpret_requested_now() -> bool:
+    """TRITON_INTERPRET as Triton reads it (1, true, on or yes), in the environment now."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _not_cuda_message(device: torch.device) -> str:
+    if _interpret_requested_now():
+        return (f"query is on {device}, and TRITON_INTERPRET is set now but was not when infoscale_triton "
+                "was imported: Triton reads it when the kernels are defined, so set it before the first "
+                "import of triton or infoscale_triton (in the shell: TRITON_INTERPRET=1 python ..., or "
+                "os.environ at the very top of the script); infoscale_triton.reference runs anywhere")
+    return (f"query is on {device}: the fused kernels need CUDA tensors (or TRITON_INTERPRET=1, set before "
+            "triton or infoscale_triton is first imported, for Triton's interpreter on CPU); "
+            "infoscale_triton.reference runs anywhere")
+
+
+def _looks_transposed(query: torch.Tensor, key: torch.Tensor, names: tuple[str, str, str]) -> str:
+    """A hint for query and key that disagree in heads (already an error) because one of them is laid
+    out (batch, length, heads, head_dim): read that way its heads would fit the other's, and either an
+    axis matches the other tensor's (self-attention) or its "heads" outnumber its "length" (lengths
+    usually exceed head counts). "" when the shapes do not suggest it."""
+    qn, kn, vn = names
+    (hq, lq), (hk, lk) = query.shape[1:3], key.shape[1:3]
+    query_blhd = lq != hq and hk > 0 and lq % hk == 0 and (lq == hk or hq == lk or hq > lq)
+    key_blhd = lk != hk and lk > 0 and hq % lk == 0 and (lk == hq or hk == lq or hk > lk)
+    if query_blhd and key_blhd:
+        which, fix = f"{qn} or {kn}/{vn} is", "that one as x.transpose(1, 2)"
+    elif query_blhd:
+        which, fix = f"{qn} is", f"{qn}.transpose(1, 2)"
+    elif key_blhd:
+        which, fix = f"{kn} and {vn} are", f"{kn}.transpose(1, 2) and {vn}.transpose(1, 2)"
+    else:
+        return ""
+    return (f"{qn} {_shape(query)} and {kn} {_shape(key)} look like {which} laid out (batch, length, "
+            f"heads, head_dim), but this function takes (batch, heads, length, head_dim): pass {fix} (a "
+            "view, read in place)")
+
+
+def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool,
+                 names: tuple[str, str, str]) -> None:
+    heads_q, heads_kv = query.shape[1], key.shape[1]
+    grouped = heads_kv > 0 and heads_q % heads_kv == 0
+    if heads_q == heads_kv or (enable_gqa and grouped):
+        return
+    hint = _looks_transposed(query, key, names)
+    if hint:
+        raise ValueError(hint + (f"; if they really are {heads_q} query heads sharing {heads_kv} key/value "
+                                 "heads, pass enable_gqa=True" if grouped and not enable_gqa else ""))
+    if not grouped:
+        raise ValueError(f"{'with enable_gqa=True ' if enable_gqa else ''}the query heads ({heads_q}) must "
+                         f"be a multiple of the key/value heads ({heads_kv})")
+    raise ValueError(f"query has {heads_q} heads and key/value {heads_kv}; pass enable_gqa=True "
+                     "to share key/value heads across query heads")
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -125,8 +181,6 @@ def check_inputs(
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
                              f"got shape {_shape(t)}")
-        if t.numel() == 0:
-            raise ValueError(f"{name} must not be empty, got shape {_shape(t)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if kernel and t.dtype not in KERNEL_DTYPES:
@@ -140,9 +194,7 @@ def check_inputs(
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}; "
                              "all tensors must be on one device")
     if kernel and query.device.type != "cuda" and not interpreter_active():
-        raise ValueError(f"query is on {query.device}: the fused kernels need CUDA tensors (or "
-                         "TRITON_INTERPRET=1 for the Triton interpreter on CPU); "
-                         "infoscale_triton.reference runs anywhere")
+        raise ValueError(_not_cuda_message(query.device))
 
     batch, heads_q, lq, head_dim = query.shape
     _, heads_kv, lk, _ = key.shape
@@ -151,17 +203,16 @@ def check_inputs(
         raise ValueError(f"batch sizes differ: {qn} {_shape(query)}, {kn} {_shape(key)}, "
                          f"{vn} {_shape(value)}")
     if value.shape[1] != heads_kv or value.shape[2] != lk:
-        raise ValueError(f"{kn} {_shape(key)} and {vn} {_shape(value)} must agree in heads and length")
+        swapped = value.shape[1] == lk and value.shape[2] == heads_kv
+        raise ValueError(f"{kn} {_shape(key)} and {vn} {_shape(value)} must agree in heads and length"
+                         + (f"; {vn} looks laid out (batch, length, heads, head_dim): pass "
+                            f"{vn}.transpose(1, 2)" if swapped else ""))
     if key.shape[3] != head_dim:
         raise ValueError(f"{kn}'s head_dim {key.shape[3]} differs from {qn}'s {head_dim}: "
                          f"{qn} {_shape(query)}, {kn} {_shape(key)}")
-    if enable_gqa:
-        if heads_q % heads_kv:
-            raise ValueError(f"with enable_gqa=True the query heads ({heads_q}) must be a multiple of "
-                             f"the key/value heads ({heads_kv})")
-    elif heads_q != heads_kv:
-        raise ValueError(f"query has {heads_q} heads and key/value {heads_kv}; pass enable_gqa=True "
-                         "to share key/value heads across query heads")
+    if head_dim == 0:
+        raise ValueError(f"{qn} and {kn} have head_dim 0; it must be at least 1")
+    _check_heads(query, key, enable_gqa, names)
     if kernel:
         for name, d in (("query/key head_dim", head_dim), ("value head_dim", head_dim_v)):
             if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:

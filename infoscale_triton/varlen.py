@@ -10,6 +10,7 @@ import torch
 from . import ops
 from .attention import AttentionEntropy
 from .dropout import draw_seed
+from .empty import nothing_to_compute, zero_output, zero_stats
 from .validation import _broadcastable, _shape, check_bool, check_inputs, check_lengths
 
 
@@ -43,11 +44,17 @@ def varlen_attention(
         query: ``(Tq, Hq, D)``; key ``(Tk, Hkv, D)``; value ``(Tk, Hkv, Dv)``: float16, bfloat16 or
             float32 CUDA tensors with unit last stride. ``Hq`` a multiple of ``Hkv`` (GQA, never copied).
         cu_seqlens_q, cu_seqlens_k: int32 ``(batch + 1,)`` cumulative lengths starting at 0. Sequences
-            of length 0 are allowed; tokens past the last offset get zeros.
+            of length 0 are allowed (``batch = 0`` too); tokens past the last offset get zeros. The
+            offsets are not read on the host (that would synchronise): on the device each is clamped to
+            ``[0, Tq]`` (``[0, Tk]`` for keys) and each sequence's end to at least its start, so offsets
+            beyond the packed tokens never reach memory outside the tensors; such a sequence is cut at
+            the last token, and an end below its start makes it empty. (Offsets that decrease and rise
+            again make sequences overlap: their values are then unspecified, their accesses still
+            within the tensors.)
         max_seqlen_q, max_seqlen_k: the longest query / key sequence. Give them to keep the call free of
             host synchronisation (CUDA-graph capturable); they must not be smaller than any length (as
             with FlashAttention, this is not checked: rows past them are not computed). None reads them
-            from the offsets (one synchronisation; a graph break under ``torch.compile``).
+            from the (clamped) offsets (one synchronisation; a graph break under ``torch.compile``).
         dropout_p, is_causal, scale, window, temperature, train_len, cos_scale: as in
             :func:`infoscale_triton.scaled_dot_product_attention`. A tensor ``temperature`` broadcasts
             to ``(Tq, Hq)``.
@@ -56,14 +63,15 @@ def varlen_attention(
 
     Returns:
         ``(Tq, Hq, Dv)`` in the input dtype, contiguous (and the entropy with ``return_entropy``).
-        Differentiable in query, key, value and a tensor temperature.
+        Differentiable in query, key, value and a tensor temperature. With no key token (``Tk = 0``)
+        every row is zeros, as are its gradients.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-dimensional tensor (tokens, heads, head_dim), got "
                              f"{_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
     heads_q, heads_kv = query.shape[1], key.shape[1]
-    if heads_kv == 0 or heads_q % heads_kv:
+    if (heads_q % heads_kv if heads_kv else heads_q):
         raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
     # (tokens, heads, D) -> (1, heads, tokens, D) views: one packed "batch entry" for the kernels
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (query, key, value))
@@ -75,9 +83,14 @@ def varlen_attention(
         temp4 = torch.broadcast_to(temperature, (query.shape[0], heads_q)).transpose(0, 1).unsqueeze(0)
     p = check_inputs(q4, k4, v4, None, dropout_p, is_causal, scale, heads_q != heads_kv, temp4, train_len,
                      cos_scale, kernel=True, window=window)
-    p = dataclasses.replace(p, **_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.device))
+    offsets = _offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, query.shape[0], key.shape[0],
+                       query.device)
+    p = dataclasses.replace(p, **offsets)
     check_bool("return_entropy", return_entropy)
     seed = draw_seed(query.device) if p.dropout_p > 0 else None
+    if nothing_to_compute(p):
+        out = zero_output((query.shape[0], heads_q, value.shape[2]), query, key, value, temperature)
+        return (out, AttentionEntropy(*zero_stats(out.shape[:2], query.device))) if return_entropy else out
     out, stats = ops.attention(q4, k4, v4, p, seed, return_entropy)
     out = out[0].transpose(0, 1)
     if not return_entropy:
@@ -85,10 +98,11 @@ def varlen_attention(
     return out, AttentionEntropy(stats[0, 0].transpose(0, 1), stats[1, 0].transpose(0, 1))
 
 
-def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, device: torch.device) -> dict:
-    """Problem fields for the packed layout, after checking them."""
+def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, tokens_q: int, tokens_k: int,
+             device: torch.device) -> dict:
+    """Problem fields for the packed layout, after checking them (``tokens_*``: Tq and Tk)."""
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 2:
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 1:
             raise ValueError(f"{name} must be a 1-d int32 tensor (batch + 1,) of cumulative lengths, got "
                              f"{_shape(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
         if cu.dtype != torch.int32:
@@ -98,10 +112,18 @@ def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, device: t
         raise ValueError(f"cu_seqlens_q {_shape(cu_q)} and cu_seqlens_k {_shape(cu_k)} must have the same "
                          "length (one entry per sequence, plus one)")
     fields = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
-    for name, given, cu in (("max_seqlen_q", max_q, cu_q), ("max_seqlen_k", max_k, cu_k)):
+    for name, given, cu, tokens in (("max_seqlen_q", max_q, cu_q, tokens_q),
+                                    ("max_seqlen_k", max_k, cu_k, tokens_k)):
         if given is None:
-            given = int((cu[1:] - cu[:-1]).max().item())  # one host synchronisation
+            given = int(sequence_lengths(cu, tokens).max().item()) if cu.shape[0] > 1 else 0  # one sync
         elif not isinstance(given, numbers.Integral) or isinstance(given, bool) or given < 0:
             raise ValueError(f"{name} must be an int >= 0 or None, got {given!r}")
         fields[name] = max(int(given), 1)
     return fields
+
+
+def sequence_lengths(cu_seqlens: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each sequence's length as the kernels see it (kernels/primitives.py: batch_extent): offsets
+    clamped to [0, tokens], each end to at least its start."""
+    starts = cu_seqlens[:-1].clamp(0, tokens)
+    return (cu_seqlens[1:].clamp(0, tokens) - starts).clamp_min(0)

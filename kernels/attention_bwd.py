@@ -26,6 +26,8 @@ from .primitives import (
     MASK_NONE,
     TEMP_NONE,
     batch_extent,
+    cast,
+    dot,
     dropout_keep,
     key_blocks,
     key_validity,
@@ -123,7 +125,7 @@ def _dkdv_tiles(
         if MASK_MODE == MASK_ADD:
             logl = tl.load(logl_ptr + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-        qk = tl.dot(q, k.T, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        qk = dot(q, k.T, None, DOT_PREC)  # (BLOCK_M, BLOCK_N)
         lo = offs_m
         hi = offs_m
         if MASKED:
@@ -134,14 +136,14 @@ def _dkdv_tiles(
         if DROPOUT:
             # the forward's bits; dV's 1 / (1 - p) comes once, in the epilogue
             keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N)
-            dv = tl.dot(tl.where(keep, p, 0.0).T.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            dv = dot(cast(tl.where(keep, p, 0.0).T, do.dtype), do, dv, DOT_PREC)
         else:
-            dv = tl.dot(p.T.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dp = tl.dot(do, v.T, input_precision=DOT_PREC)
+            dv = dot(cast(p.T, do.dtype), do, dv, DOT_PREC)
+        dp = dot(do, v.T, None, DOT_PREC)
         if DROPOUT:
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None]) * (rs * INV_LOG2E)[:, None]
-        dk = tl.dot(ds.T.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk = dot(cast(ds.T, q.dtype), q, dk, DOT_PREC)
     return dk, dv
 
 
@@ -225,9 +227,9 @@ def attention_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = k_rows + offs_n[:, None].to(tl.int64)
     tl.store(DK + bq * stride_dkb + hk64 * stride_dkh + rows * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=(offs_n[:, None] < lk) & (offs_d[None, :] < HEAD_D))
+             cast(dk, DK.dtype.element_ty), mask=(offs_n[:, None] < lk) & (offs_d[None, :] < HEAD_D))
     tl.store(DV + bq * stride_dvb + hk64 * stride_dvh + rows * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < HEAD_DV))
+             cast(dv, DV.dtype.element_ty), mask=(offs_n[:, None] < lk) & (offs_dv[None, :] < HEAD_DV))
 
 
 @triton.jit
@@ -242,15 +244,15 @@ def _dq_tiles(
         n0 = tl.multiple_of(n0, BLOCK_N)
         k = k_desc.load([n0, 0])
         v = v_desc.load([n0, 0])
-        qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+        qk = dot(q, k.T, None, DOT_PREC)
         p = _probs(qk, rs, lse, logl, offs_m, n0 + tl.arange(0, BLOCK_N), lo, hi, lq, lk, mask_ptr,
                    stride_mm, stride_mn, MASK_MODE, MASKED)
-        dp = tl.dot(do, v.T, input_precision=DOT_PREC)
+        dp = dot(do, v.T, None, DOT_PREC)
         if DROPOUT:
             keep = dropout_keep(seed, bh, offs_m, n0, dropout_p, BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        g = tl.dot(ds.to(k.dtype), k, g, input_precision=DOT_PREC)
+        g = dot(cast(ds, k.dtype), k, g, DOT_PREC)
         if TEMP_GRAD:
             dt += tl.sum(ds * qk, 1)
     return g, dt
@@ -343,7 +345,7 @@ def attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = q_rows + offs_m[:, None].to(tl.int64)
     tl.store(DQ + bq * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
+             cast(dq, DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
     if TEMP_GRAD:
         tl.store(DT + row + offs_m, dt * base, mask=row_ok)
 

@@ -21,7 +21,7 @@ Causality is bottom-right against the valid length: row i (of Lq) sees keys j <=
 import triton
 import triton.language as tl
 
-from .primitives import TEMP_NONE, row_temperature, visible_keys
+from .primitives import TEMP_NONE, cast, dot, row_temperature, visible_keys
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def _split_tiles(
         key_ok = offs_n < len_b
         k = _kv_tile(k_src, start_n, stride_kn, key_ok, HEAD_D, BLOCK_D, BLOCK_N, MASKED, TMA)
         # always the full product with rs: a tensor temperature or a scale may be negative
-        s = tl.dot(q, k.T, input_precision=DOT_PREC) * rs[:, None]
+        s = dot(q, k.T, None, DOT_PREC) * rs[:, None]
         if COS:
             s = s * _inv_norm(k)[None, :]
         if MASKED:
@@ -88,7 +88,7 @@ def _split_tiles(
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _kv_tile(v_src, start_n, stride_vn, key_ok, HEAD_DV, BLOCK_DV, BLOCK_N, MASKED, TMA)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        acc = dot(cast(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -182,7 +182,7 @@ def decode_split_kernel(
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = (Out + b * stride_ob + head[:, None] * stride_oh + pos[:, None].to(tl.int64) * stride_om
                   + offs_dv[None, :])
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=col_ok)
+        tl.store(o_ptrs, cast(out, Out.dtype.element_ty), mask=col_ok)
     else:
         # workspace rows (b, h, i) of NUM_SPLITS partials each; an empty split leaves m = -inf, l = 0
         ws = ((b * Hq + head) * Lq + pos) * NUM_SPLITS + split
@@ -223,7 +223,7 @@ def decode_combine_kernel(
         m_run = m_new
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     o_ptrs = Out + b * stride_ob + head * stride_oh + pos * stride_om + offs_dv
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty), mask=offs_dv < HEAD_DV)
 
 
 # Launch configs for the H100, checked offline (ptxas for sm_90: registers, spills, shared memory) but

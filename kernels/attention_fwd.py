@@ -21,6 +21,8 @@ from .primitives import (
     MASK_NONE,
     TEMP_NONE,
     batch_extent,
+    cast,
+    dot,
     dropout_keep,
     key_blocks,
     key_validity,
@@ -46,7 +48,7 @@ def _fwd_tiles(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = k_desc.load([start_n, 0])
-        qk = tl.dot(q, k.T, input_precision=DOT_PREC)
+        qk = dot(q, k.T, None, DOT_PREC)
         if MASKED:
             valid, bias = key_validity(offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_mm, stride_mn,
                                        MASK_MODE)
@@ -70,10 +72,12 @@ def _fwd_tiles(
             m_sub = m_new
         alpha = tl.math.exp2(m_i - m_sub)
         if ENTROPY:
-            # u relative to the new max: alpha (u + l (m_old - m_new)); p (s - m) is 0 where p is 0
-            shift = tl.where(l_i > 0, l_i * (m_i - m_sub), 0.0)
+            # u relative to the new max: alpha (u + l (m_old - m_new)). A difference that can be -inf is
+            # zeroed before its product, never after (0 * -inf is NaN): m_old - m_new where alpha = 0
+            # (m_old = -inf before the first key, or underflow), s - m where p = 0 (hidden keys)
+            shift = l_i * tl.where(alpha > 0, m_i - m_sub, 0.0)
             if MASKED:
-                term = tl.where(p > 0, p * (s - m_sub[:, None]), 0.0)
+                term = p * tl.where(p > 0, s - m_sub[:, None], 0.0)
             else:
                 term = p * (qk * rs[:, None] - m_sub[:, None])
             u_i = alpha * (u_i + shift) + tl.sum(term, 1)
@@ -83,7 +87,7 @@ def _fwd_tiles(
             # after the row sum: l_i normalises the undropped p (1 / (1 - dropout_p) comes in the epilogue)
             p = tl.where(dropout_keep(seed, bh, offs_m, start_n, dropout_p, BLOCK_N), p, 0.0)
         v = v_desc.load([start_n, 0])
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        acc = dot(cast(p, v.dtype), v, acc, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i, u_i
 
@@ -215,7 +219,7 @@ def attention_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     o_ptrs = (Out + bq * stride_ob + h64 * stride_oh
               + (q_rows + offs_m[:, None].to(tl.int64)) * stride_om + offs_dv[None, :])
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DV))
 
 
 def _config(block_m, block_n, warps, stages, warp_spec=False):

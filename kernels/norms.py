@@ -6,6 +6,8 @@ the attention loop instead measured 9-12% slower at 16k tokens (benchmarks/NOTES
 import triton
 import triton.language as tl
 
+from .primitives import cast
+
 
 @triton.jit
 def unit_rows_kernel(
@@ -28,4 +30,4 @@ def unit_rows_kernel(
     row = (b * H + h) * L + offs_l
     tl.store(InvNorm + row, inv, mask=row_ok)
     unit_ptrs = Unit + row[:, None] * HEAD_D + offs_d[None, :]
-    tl.store(unit_ptrs, (x * inv[:, None]).to(Unit.dtype.element_ty), mask=in_bounds)
+    tl.store(unit_ptrs, cast(x * inv[:, None], Unit.dtype.element_ty), mask=in_bounds)

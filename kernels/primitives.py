@@ -5,6 +5,16 @@ temperature, key validity of a tile, and attention dropout's keep mask."""
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def _probe():
+    pass
+
+
+# Whether triton.jit made interpreter functions of these kernels (TRITON_INTERPRET when this module was
+# imported; Triton decides at decoration, so ask it rather than parse the variable again).
+INTERPRETED = tl.constexpr(not isinstance(_probe, triton.runtime.JITFunction))
+
 # TEMP_MODE codes (mirrors infoscale_triton.temperature).
 TEMP_NONE = tl.constexpr(0)
 TEMP_INFOSCALE = tl.constexpr(1)
@@ -18,16 +28,44 @@ MASK_ADD = tl.constexpr(2)
 
 
 @triton.jit
+def dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """tl.dot(a, b, acc) in float32 accumulation. Triton's interpreter (3.6 to 3.8 at least) multiplies
+    bfloat16 tiles as their raw 16-bit integers: there, and only there (INTERPRETED is a constexpr, so
+    compiled code is unchanged), bfloat16 operands are widened to float32 first, which is exact, and
+    every product of two bfloat16 values is exact in float32 as on the GPU's tensor cores."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+        if b.dtype == tl.bfloat16:
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)`` for float32 ``x``. The interpreter truncates float32 to bfloat16 (and its "rtne"
+    mode carries into the exponent wrongly): there, and only there, bfloat16 is rounded to nearest
+    even in integer arithmetic, as the GPU rounds (NaN stays NaN, overflow gives inf)."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        y = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dtype)
+    return y
+
+
+@triton.jit
 def batch_extent(b, Lq, Lk, CuQ, CuK, KvRange, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr):
     """Where batch entry ``b`` lives: (bq, q_start, lq, k_start, lk, kv_lo, kv_hi). Dense inputs: batch
     index bq = b, rows [0, Lq), keys [0, Lk). VARLEN: one packed sequence per ``b`` (the 4-d views have
-    a single batch entry, bq = 0) starting at row CuQ[b] / key CuK[b]. Keys outside [kv_lo, kv_hi)
-    (per-batch key padding, HAS_KV_RANGE: KvRange[b] = (lo, hi), clamped to [0, lk]) are never seen."""
+    a single batch entry, bq = 0, of Lq query and Lk key tokens) starting at row CuQ[b] / key CuK[b].
+    Keys outside [kv_lo, kv_hi) (per-batch key padding, HAS_KV_RANGE: KvRange[b] = (lo, hi), clamped to
+    [0, lk]) are never seen."""
     if VARLEN:
-        q_start = tl.load(CuQ + b)
-        lq = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        lk = tl.load(CuK + b + 1) - k_start
+        q_start, lq = _packed_extent(CuQ, b, Lq)
+        k_start, lk = _packed_extent(CuK, b, Lk)
         bq = b * 0
     else:
         q_start = b * 0
@@ -41,6 +79,18 @@ def batch_extent(b, Lq, Lk, CuQ, CuK, KvRange, VARLEN: tl.constexpr, HAS_KV_RANG
         kv_lo = tl.minimum(tl.maximum(tl.load(KvRange + 2 * b), 0), lk)
         kv_hi = tl.minimum(tl.maximum(tl.load(KvRange + 2 * b + 1), kv_lo), lk)
     return bq.to(tl.int64), q_start, lq, k_start, lk, kv_lo, kv_hi
+
+
+@triton.jit
+def _packed_extent(Cu, b, tokens):
+    """(start, length) of packed sequence ``b`` from the offsets Cu[b], Cu[b + 1], which the host never
+    reads (a sync): each offset is clamped to [0, tokens] and the end to at least the start, so that no
+    offset, however wrong, reaches outside the tensors. An empty sequence starts at 0: the kernels
+    load a tile at the start unconditionally, and row 0 exists where row ``tokens`` would not (the
+    public functions return before any launch when there is no token)."""
+    start = tl.minimum(tl.maximum(tl.load(Cu + b), 0), tokens)
+    end = tl.minimum(tl.maximum(tl.load(Cu + b + 1), start), tokens)
+    return tl.where(end > start, start, 0), end - start
 
 
 @triton.jit

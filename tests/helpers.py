@@ -24,7 +24,10 @@ from infoscale_triton.validation import check_inputs
 
 ON_GPU: bool = torch.cuda.is_available()
 DEVICE: torch.device = torch.device("cuda" if ON_GPU else "cpu")
-# The interpreter's bf16 tl.dot is wrong (FIELD-NOTES): bf16 is only checked compiled, on a GPU.
+# The test matrices' dtypes. bfloat16 runs through the interpreter too (whose bf16 tl.dot multiplies raw
+# bits and whose float32 -> bf16 cast truncates: the kernels work around both there, kernels/primitives.py
+# dot and cast), but the CPU checks it in a few representative tests only (test_smoke.py,
+# test_forward.py, test_interpreter.py), for CI time.
 DTYPES: list[torch.dtype] = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
 # The atol-like part of the budget, in relative-error units.
 FLOOR: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}

@@ -266,7 +266,10 @@ def _call(**changes: Any) -> torch.Tensor:
 BAD = [
     ("query-not-tensor", TypeError, r"query must be a torch\.Tensor", {"query": [1.0]}),
     ("key-rank3", ValueError, r"key_cache must have 4 dimensions", {"key_cache": _t(2, 8, 16)}),
-    ("value-empty", ValueError, r"value_cache must not be empty", {"value_cache": _t(2, 2, 8, 0)}),
+    ("value-head-dim-0", ValueError, r"value head_dim is 0", {"value_cache": _t(2, 2, 8, 0)}),
+    ("cache-blhd", ValueError, r"key_cache and value_cache are laid out \(batch, length, heads, head_dim\).*"
+     r"pass key_cache\.transpose\(1, 2\) and value_cache\.transpose\(1, 2\)",
+     {"query": _t(2, 4, 1, 16), "key_cache": _t(2, 8, 2, 16), "value_cache": _t(2, 8, 2, 16)}),
     ("query-float64", TypeError, r"query has dtype torch\.float64",
      {"query": _t(2, 4, 1, 16, dtype=torch.float64)}),
     ("dtype-mismatch", TypeError, r"query, key_cache and value_cache must share a dtype",

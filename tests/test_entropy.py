@@ -6,6 +6,7 @@ give 0 and 0."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -81,6 +82,31 @@ def test_entropy_of_uniform_and_one_hot_rows() -> None:
     assert abs(stats[0, 0, 0, 0].item() - torch.log(torch.tensor(float(n))).item()) < 1e-5
     assert abs(stats[1, 0, 0, 0].item() - 1 / n) < 1e-6
     assert stats[0, 0, 0, 1].item() < 1e-3 and stats[1, 0, 0, 1].item() > 0.999
+
+
+@pytest.mark.parametrize("opts", [
+    dict(is_causal=True),
+    dict(attn_mask="bool_empty_rows", window=(5, 2)),
+    dict(attn_mask="huge_biases"),
+], ids=["causal", "mask-window", "huge-biases"])
+def test_entropy_arithmetic_makes_no_nan(opts: dict[str, Any]) -> None:
+    """No NaN-producing operation in the entropy's accumulation, not even in a lane that is discarded:
+    the interpreter evaluates every lane with numpy and reports 0 * -inf as an "invalid value"
+    RuntimeWarning, made an error here. Covers the first tile of a causal row (running max -inf), hidden
+    keys (s = -inf) and biases near +-finfo.max, whose differences overflow to -inf (an overflow that
+    exp2 turns into p = 0, as intended: not an error)."""
+    q, k, v = make_qkv(1, 2, 2, 40, 50, 32, 32, torch.float32)
+    if opts.get("attn_mask") == "huge_biases":  # per row: keys at +3e38 (a few), -3e38, -inf or 0
+        choice = torch.randint(0, 4, (40, 50))
+        bias = torch.where(choice == 0, -3e38, torch.where(choice == 1, float("-inf"), 0.0))
+        bias = torch.where(torch.rand(40, 50) < 0.1, 3e38, bias)
+        bias[:, 0] = bias[:, -1] = 3e38  # (the probability is shared by those keys: entropy ln(count))
+        opts = dict(opts, attn_mask=bias.to(DEVICE))
+    elif "attn_mask" in opts:
+        opts = dict(opts, attn_mask=make_mask(opts["attn_mask"], 1, 2, 40, 50))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "invalid value", RuntimeWarning)
+        check(q, k, v, **opts)
 
 
 def assert_same_stats(got: AttentionEntropy, want: torch.Tensor) -> None:

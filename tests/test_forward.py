@@ -113,6 +113,23 @@ def test_masks(mask: str, temperature: str | None, is_causal: bool, dtype: torch
                 **make_temperature(temperature, b, h, lq, train_len=20))
 
 
+@pytest.mark.parametrize("opts", [
+    dict(is_causal=True, enable_gqa=True, cos_scale=32.0, temperature="infoscale", train_len=20),
+    dict(attn_mask="bool_empty_rows", temperature="tensor_bhl"),
+    dict(is_causal=True, attn_mask="float_b1qk_empty_rows", temperature="logn_clipped", train_len=20),
+], ids=["causal-gqa-cos", "bool-mask-tensor", "float-mask-clipped"])
+def test_bfloat16(opts: dict) -> None:
+    """bfloat16 on every path, also through the interpreter (whose own bf16 dot multiplies raw bits:
+    the kernels widen the operands there). On CPU only these few: the matrices run float16/float32."""
+    b, hq, lq, lk = 2, 4, 37, 53
+    q, k, v = make_qkv(b, hq, 2 if opts.get("enable_gqa") else hq, lq, lk, 32, 48, torch.bfloat16)
+    if "attn_mask" in opts:
+        opts = dict(opts, attn_mask=make_mask(opts["attn_mask"], b, hq, lq, lk))
+    if str(opts.get("temperature")).startswith("tensor"):
+        opts = dict(opts, **make_temperature(opts["temperature"], b, hq, lq))
+    check_fused(q, k, v, **opts)
+
+
 @causal
 @pytest.mark.parametrize("scale", [0.0, 0.02, 0.3, -0.05, -0.5])
 def test_explicit_scale(scale: float, is_causal: bool) -> None:

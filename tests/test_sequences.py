@@ -69,7 +69,7 @@ def test_kv_lengths(dtype: torch.dtype, is_causal: bool, temperature: str | None
     q, k, v = make_qkv(b, 4, 2, lq, lk, 32, 24, dtype)
     opts = dict(is_causal=is_causal, enable_gqa=True, **_temp_opts(temperature))
     kv = lengths.to(DEVICE)
-    if dtype != torch.bfloat16:  # (the interpreter's bf16 dot is wrong: bf16 gradients run on the GPU below)
+    if dtype != torch.bfloat16:  # (bf16 gradients: the GPU cases below and test_smoke.py)
         check_fused_grads(q, k, v, kv_lengths=kv, **opts)
     fused = check_fused(q, k, v, kv_lengths=kv, **opts)
     mask = padding_mask(lengths, lk)

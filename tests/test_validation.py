@@ -41,9 +41,8 @@ SHARED = [
     case("query-rank3", ValueError, r"query must have 4 dimensions.*\(2, 5, 16\)", query=t(H, L, D)),
     case("key-rank5", ValueError, r"key must have 4 dimensions", key=t(1, B, H, L, D)),
     case("value-rank3", ValueError, r"value must have 4 dimensions", value=t(H, L, D)),
-    case("query-empty", ValueError, r"query must not be empty.*\(1, 2, 0, 16\)", query=t(B, H, 0, D)),
-    case("key-empty", ValueError, r"key must not be empty", key=t(B, H, 0, D), value=t(B, H, 0, D)),
-    case("value-empty-dv", ValueError, r"value must not be empty", value=t(B, H, L, 0)),
+    case("head-dim-0", ValueError, r"query and key have head_dim 0; it must be at least 1",
+         query=t(B, H, L, 0), key=t(B, H, L, 0)),
     case("query-int", TypeError, r"query must be a floating-point tensor, got torch\.int64",
          query=torch.ones(B, H, L, D, dtype=torch.int64, device=DEVICE)),
     case("value-int", TypeError, r"value must be a floating-point tensor, got torch\.int32",
@@ -64,6 +63,24 @@ SHARED = [
          r"the key/value heads \(2\)", query=t(B, 3, L, D), enable_gqa=True),
     case("heads-without-gqa", ValueError, r"query has 4 heads and key/value 2; pass enable_gqa=True",
          query=t(B, 4, L, D)),
+    case("heads-not-multiple", ValueError, r"^the query heads \(3\) must be a multiple of the key/value "
+         r"heads \(2\)$", query=t(B, 3, L, D)),
+    case("key-heads-0", ValueError, r"the query heads \(2\) must be a multiple of the key/value heads \(0\)",
+         key=t(B, 0, L, D), value=t(B, 0, L, D), enable_gqa=True),
+    # a (B, L, H, D) tensor among (B, H, L, D) ones: say so, and do not advise enable_gqa alone
+    case("query-blhd", ValueError, r"^query \(1, 64, 4, 16\) and key \(1, 4, 64, 16\) look like query or "
+         r"key/value is laid out \(batch, length, heads, head_dim\), but this function takes \(batch, heads, "
+         r"length, head_dim\): pass that one as x\.transpose\(1, 2\) .*; if they really are 64 query heads "
+         r"sharing 4 key/value heads, pass enable_gqa=True$",
+         query=t(B, 64, 4, D), key=t(B, 4, 64, D), value=t(B, 4, 64, D)),
+    case("query-blhd-cross", ValueError, r"look like query is laid out .*: pass query\.transpose\(1, 2\) "
+         r"\(a view, read in place\)$", query=t(B, 10, 4, D), key=t(B, 4, 30, D), value=t(B, 4, 30, D)),
+    case("key-blhd-gqa", ValueError, r"look like key and value are laid out .*: pass key\.transpose\(1, 2\) "
+         r"and value\.transpose\(1, 2\)", query=t(B, 8, 10, D), key=t(B, 30, 4, D), value=t(B, 30, 4, D),
+         enable_gqa=True),
+    case("value-blhd", ValueError, r"key \(1, 2, 5, 16\) and value \(1, 5, 2, 16\) must agree in heads and "
+         r"length; value looks laid out \(batch, length, heads, head_dim\): pass value\.transpose\(1, 2\)",
+         value=t(B, L, H, D)),
     case("mask-not-tensor", TypeError, r"attn_mask must be a torch\.Tensor or None, got list",
          attn_mask=[[True]]),
     case("mask-int", TypeError, r"attn_mask must be boolean .* got torch\.int64",
@@ -144,6 +161,7 @@ KERNEL_ONLY = [
     case("head-dim-15", ValueError, r"query/key head_dim is 15", query=t(B, H, L, 15), key=t(B, H, L, 15)),
     case("head-dim-272", ValueError, r"query/key head_dim is 272", query=t(B, H, L, 272),
          key=t(B, H, L, 272)),
+    case("value-head-dim-0", ValueError, r"value head_dim is 0", value=t(B, H, L, 0)),
     case("value-head-dim-8", ValueError, r"value head_dim is 8", value=t(B, H, L, 8)),
     case("value-head-dim-257", ValueError, r"value head_dim is 257", value=t(B, H, L, 257)),
     case("grid-batch", ValueError, r"batch \(65536\) and query heads \(2\) must each be at most 65535",
@@ -165,7 +183,15 @@ def test_kernel_only_checks(exc: type[Exception], match: str, changes: dict[str,
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(validation, "interpreter_active", lambda: False)  # as without TRITON_INTERPRET
-    with pytest.raises(ValueError, match=r"query is on cpu: the fused kernels need CUDA tensors"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"query is on cpu: the fused kernels need CUDA tensors \(or "
+                       r"TRITON_INTERPRET=1, set before triton or infoscale_triton is first imported"):
+        call(FUSED, query=t(B, H, L, D, device="cpu"), key=t(B, H, L, D, device="cpu"),
+             value=t(B, H, L, D, device="cpu"))
+    # set after the import: the kernels were compiled for the GPU already; say when to set it
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match=r"TRITON_INTERPRET is set now but was not when infoscale_triton was "
+                       r"imported: .* set it before the first import of triton or infoscale_triton"):
         call(FUSED, query=t(B, H, L, D, device="cpu"), key=t(B, H, L, D, device="cpu"),
              value=t(B, H, L, D, device="cpu"))
     call(REFERENCE, query=t(B, H, L, D, device="cpu"), key=t(B, H, L, D, device="cpu"),
