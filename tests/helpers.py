@@ -15,12 +15,20 @@ import torch
 
 import infoscale_triton
 from infoscale_triton import reference
-# the error budget is the package's (infoscale_triton.testing): re-exported for the test modules
-from infoscale_triton.testing import BUDGET_FACTOR, FLOOR, assert_close, mismatch_report, positions, rel_error
 from infoscale_triton.backward import attention_backward
 from infoscale_triton.forward import attention_forward
 from infoscale_triton.reference import allowed_keys
 from infoscale_triton.temperature import TemperatureSpec, row_temperature
+
+# the error budget is the package's (infoscale_triton.testing), re-exported for the test modules
+from infoscale_triton.testing import (  # noqa: F401
+    BUDGET_FACTOR,
+    FLOOR,
+    assert_close,
+    mismatch_report,
+    positions,
+    rel_error,
+)
 from infoscale_triton.validation import check_inputs
 
 ON_GPU: bool = torch.cuda.is_available()
