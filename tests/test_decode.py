@@ -339,7 +339,7 @@ def test_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     bench = _benchmark_module(monkeypatch)
     assert bench.main(["--smoke", "--out", str(tmp_path), "--rep", "1", "--warmup", "0"]) == 0
     (result,) = tmp_path.glob("bench_decode_*.json")
-    rows = json.loads(result.read_text())["rows"]
+    rows = json.loads(result.read_text())["results"]
     ours = [r for r in rows if r["provider"] == "ours"]
     assert ours and all(math.isfinite(r["ms"]) for r in ours)
     assert all(r["reason"] for r in rows if r["provider"].startswith("sdpa"))
@@ -354,7 +354,7 @@ def test_benchmark_short_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert bench.main(["--smoke", "--short", "--lk", "16", "--out", str(tmp_path), "--rep", "0",
                        "--warmup", "0"]) == 0
     (result,) = tmp_path.glob("bench_decode_short_*.json")
-    rows = json.loads(result.read_text())["rows"]
+    rows = json.loads(result.read_text())["results"]
     assert len(rows) == len(bench.SHORT_QUERY_ROWS) * len(bench.SHORT_TEMPERATURES)
     assert all(r["ok"] and math.isfinite(r["dense_us"]) and math.isfinite(r["decode_us"]) for r in rows)
     assert list(tmp_path.glob("bench_decode_short_*.csv"))

@@ -44,6 +44,12 @@ class Unavailable(RuntimeError):
     """A provider that cannot run on these inputs here; the message is the recorded reason."""
 
 
+def infoscale_factors(n: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """InfoScale ``t(n)`` (training length ``N_TRAIN``) for rows that see ``n`` keys, float32, on n's
+    device: what a peer multiplies q by (or its score_mod multiplies the scores by)."""
+    return row_temperature(n.double(), TemperatureSpec.parse("infoscale"), N_TRAIN, head_dim).float()
+
+
 def row_factors(lq: int, lk: int, causal: bool, head_dim: int, device: torch.device | str) -> torch.Tensor:
     """InfoScale ``t_i`` per query row, float32 ``(Lq,)``. Causal rows see ``n_i = i + 1 + Lk - Lq``
     keys (bottom-right, as ours), the others all ``Lk``."""
@@ -51,8 +57,7 @@ def row_factors(lq: int, lk: int, causal: bool, head_dim: int, device: torch.dev
         n = (torch.arange(1, lq + 1, dtype=torch.float64) + (lk - lq)).clamp(max=lk)
     else:
         n = torch.full((lq,), float(lk), dtype=torch.float64)
-    t = row_temperature(n, TemperatureSpec.parse("infoscale"), N_TRAIN, head_dim)
-    return t.to(device=device, dtype=torch.float32)
+    return infoscale_factors(n, head_dim).to(device)
 
 
 def _cos(mode: str) -> float | None:
@@ -112,16 +117,34 @@ def _sdpa(backend_name: str) -> Builder:
         t = row_factors(q.shape[-2], k.shape[-2], causal, q.shape[-1], q.device).to(q.dtype)[:, None]
         opts = {"is_causal": is_causal, "enable_gqa": _gqa(q, k)} if _gqa(q, k) else {"is_causal": is_causal}
 
-        if cos is None:
-            def fn() -> torch.Tensor:
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q * t, k, v, **opts)
-        else:
-            def fn() -> torch.Tensor:
-                qn = F.normalize(q, dim=-1) * t
-                kn = F.normalize(k, dim=-1)
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(qn, kn, v, scale=cos, **opts)
+        def make(k: torch.Tensor, v: torch.Tensor) -> Fn:
+            if cos is None:
+                def fn() -> torch.Tensor:
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q * t, k, v, **opts)
+            else:
+                def fn() -> torch.Tensor:
+                    qn = F.normalize(q, dim=-1) * t
+                    kn = F.normalize(k, dim=-1)
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(qn, kn, v, scale=cos, **opts)
+            return fn
+
+        fn = make(k, v)
+        if not _gqa(q, k):
+            return fn
+        # a backend that refuses enable_gqa runs on K/V repeated per query head (once, outside the timing),
+        # reading group x the bytes: the note says so
+        try:
+            fn()
+            fn.note = "enable_gqa=True"  # type: ignore[attr-defined]
+            return fn
+        except RuntimeError as e:
+            refusal = harness.reason(e)
+        group = q.shape[1] // k.shape[1]
+        opts.pop("enable_gqa")
+        fn = make(k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
+        fn.note = f"K/V repeated x{group} (enable_gqa refused: {refusal})"  # type: ignore[attr-defined]
         return fn
 
     build.__doc__ = f"F.scaled_dot_product_attention restricted to SDPBackend.{backend_name}, on q * t_i."
@@ -181,7 +204,7 @@ def _flex_parts(lq: int, lk: int, causal: bool, head_dim: int, mode: str, device
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mode: str) -> Fn:
     """torch.compile(flex_attention) with ``score_mod = score * t[q_idx]`` and a causal block mask."""
     _cos(mode)
-    _need_cuda(q, "flex (a CPU compile is not what we compare with)")
+    _need_cuda(q, "flex")
     _peer_causal(q, k, causal)
     attend = compiled_flex()
     score_mod, block_mask = _flex_parts(q.shape[-2], k.shape[-2], causal, q.shape[-1], mode, q.device)
@@ -231,6 +254,7 @@ class Built:
     out: object = None
     first_s: float = math.nan
     reason: str = ""
+    note: str = ""  # how it ran, when that needs saying (e.g. K/V repeated for a backend without GQA)
 
 
 def build_fn(make: Callable[[], Callable[[], object]]) -> Built:
@@ -240,7 +264,7 @@ def build_fn(make: Callable[[], Callable[[], object]]) -> Built:
     try:
         fn = make()
         out, seconds = harness.first_call(fn)
-        return Built(fn, out, seconds)
+        return Built(fn, out, seconds, note=getattr(fn, "note", ""))
     except harness.OOM:
         why = "out of memory"
     except Unavailable as e:
