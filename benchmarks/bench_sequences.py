@@ -3,7 +3,7 @@
 causal with InfoScale, forward and forward+backward, against what a user would run instead.
 
   varlen  32 documents of random lengths, 65536 tokens in all, H = 16, D = 128, bf16:
-            ours         infoscale_triton.varlen_attention(cu_seqlens, is_causal=True, temperature="infoscale")
+            ours         infoscale_triton.varlen_attention(cu_seqlens, is_causal=True, temperature=...)
             sdpa_cudnn   F.scaled_dot_product_attention on the padded batch (32, H, longest, D), is_causal,
             sdpa_flash   q pre-multiplied by t_i; only the attention call is timed (padding not counted)
             flex         torch.compile(flex_attention) on the packed tokens, document + causal block mask,
@@ -98,7 +98,7 @@ def varlen_row(args: argparse.Namespace, device: str) -> tuple[list[dict], dict]
                                      **opts))
 
     providers: dict[str, Builder] = {
-        "ours": lambda s: (lambda: infoscale_triton.varlen_attention(s[0], s[1], s[2], cu, cu, longest, longest,
+        "ours": lambda s: (lambda: infoscale_triton.varlen_attention(*s[:3], cu, cu, longest, longest,
                                                                      **opts)),
     }
     if device == "cuda":
@@ -113,7 +113,8 @@ def varlen_row(args: argparse.Namespace, device: str) -> tuple[list[dict], dict]
         flex = flex_fn(block_mask, t_tok)
         t_pad = peers.infoscale_factors(torch.arange(1, longest + 1, device=device, dtype=torch.float64),
                                         d).view(1, 1, -1, 1)
-        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+        backends = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION}
+        for name, backend in backends.items():
             def build(s, backend=backend):
                 qp, kp, vp = s
 
@@ -181,7 +182,6 @@ def time_providers(row: str, providers: dict[str, Builder], sets: list, own_sets
     same inputs): the first call timed apart, then the median; a provider that cannot run keeps its row
     with the reason."""
     records = []
-    gpu = harness.on_gpu()
     for pass_ in args.passes:
         for name, build in providers.items():
             inputs = own_sets.get(name, sets)
@@ -199,16 +199,10 @@ def time_providers(row: str, providers: dict[str, Builder], sets: list, own_sets
                         calls.append(harness.fwd_bwd(fn, leaves, torch.randn_like(fn())))
                 return calls
 
-            rec["reason"] = measure(rec, calls_for, args, (flops_of or {}).get(name, flops) * harness.PASSES[pass_])
+            useful = (flops_of or {}).get(name, flops) * harness.PASSES[pass_]
+            rec["reason"] = measure(rec, calls_for, args, useful)
             records.append(rec)
-            if math.isnan(rec["ms"]):
-                line = f"not run: {rec['reason']}"
-            elif gpu:
-                line = (f"{rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s {rec['peak_mib']:8.0f} MiB, "
-                        f"first call {rec['first_s']:.1f} s")
-            else:
-                line = f"{rec['ms']:9.1f} ms (interpreter)"
-            print(f"{row:7s} {pass_:8s} {name:12s} {line}", flush=True)
+            print(f"{row:7s} {pass_:8s} {name:12s} {harness.timing_text(rec)}", flush=True)
             harness.free_memory()
     for pass_ in args.passes:
         ours = next((r for r in records if r["pass"] == pass_ and r["provider"] == "ours"), None)
@@ -218,7 +212,8 @@ def time_providers(row: str, providers: dict[str, Builder], sets: list, own_sets
     return records
 
 
-def measure(rec: dict, calls_for: Callable[[], list[Fn]], args: argparse.Namespace, useful_flops: float) -> str:
+def measure(rec: dict, calls_for: Callable[[], list[Fn]], args: argparse.Namespace,
+            useful_flops: float) -> str:
     """Fill rec's first_s, ms, compile_s, tflops, peak_mib; returns the reason when a step fails."""
     calls, why = harness.attempt(calls_for)
     if calls is None:
@@ -238,7 +233,8 @@ def measure(rec: dict, calls_for: Callable[[], list[Fn]], args: argparse.Namespa
 def print_table(records: list[dict], gpu: bool) -> None:
     if gpu:
         rows = [[r["row"], r["pass"], r["provider"], harness.fmt(r["ms"], 3), harness.fmt(r["tflops"]),
-                 harness.fmt(r["peak_mib"], 0), harness.fmt(r["ours_speedup"], 2), harness.fmt(r["first_s"], 1)]
+                 harness.fmt(r["peak_mib"], 0), harness.fmt(r["ours_speedup"], 2),
+                 harness.fmt(r["first_s"], 1)]
                 for r in records]
         table(["row", "pass", "provider", "ms", "TFLOP/s", "peak MiB", "ours/x", "first call s"], rows,
               "useful TFLOP/s (padding and masked tiles count as lost); ours/x > 1 means ours is faster")
@@ -275,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup, args.rep = 1, 1
     torch.manual_seed(args.seed)
     meta = harness.metadata(docs=args.docs, tokens=args.tokens, window_tokens=args.window_tokens,
-                            window=args.window, heads=args.heads, d=args.d, warmup_ms=args.warmup, rep_ms=args.rep,
+                            window=args.window, heads=args.heads, d=args.d, warmup_ms=args.warmup,
+                            rep_ms=args.rep,
                             flops="useful pairs only: 4 H D per visible (row, key), x3.5 fwd_bwd")
     out = harness.ResultsFile("bench_sequences", harness.results_dir(args.out, args.smoke), meta)
     checks = {}
@@ -288,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write(checks=checks)
     print_table(out.records, harness.on_gpu())
     print(f"\nwrote {out.json_path}, {out.csv_path}")
-    bad = [f"{row}:{k}" for row, chk in checks.items() for k, v in chk.items() if k.endswith("_check") and v != "ok"]
+    bad = [f"{row}:{k}" for row, chk in checks.items() for k, v in chk.items()
+           if k.endswith("_check") and v != "ok"]
     if bad:
         print("CHECK FAILED (beyond the error budget against the float64 reference):", bad)
     return 1 if bad else 0

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BUDGET_FACTOR", "FLOOR", "Comparison", "assert_close", "compare", "error_budget", "mismatch_report",
-           "positions", "rel_error", "within_budget"]
+__all__ = ["BUDGET_FACTOR", "FLOOR", "Comparison", "assert_close", "compare", "error_budget",
+           "mismatch_report", "positions", "rel_error", "within_budget"]
 
 BUDGET_FACTOR = 2.0
 # The atol-like part of the budget, in relative-error units: about the dtype's rounding of one value.
@@ -88,7 +88,8 @@ def positions(mask: torch.Tensor, limit: int = 8) -> str:
     return ", ".join(str(tuple(i)) for i in idx) + (f" and {more} more" if more > 0 else "")
 
 
-def mismatch_report(out: torch.Tensor, ref: torch.Tensor, headline: str, budget: float, limit: int = 8) -> str:
+def mismatch_report(out: torch.Tensor, ref: torch.Tensor, headline: str, budget: float,
+                    limit: int = 8) -> str:
     """What went wrong, for an assertion message: the NaN / inf positions and the first elements off by
     more than ``budget`` (relative to the element or, for small ones, to the RMS of ``ref``), and the
     largest difference."""
@@ -113,8 +114,8 @@ def mismatch_report(out: torch.Tensor, ref: torch.Tensor, headline: str, budget:
     return "\n".join(lines)
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor, dtype: torch.dtype | None = None,
-                 what: str = "") -> Comparison:
+def assert_close(out: torch.Tensor, ref: torch.Tensor, baseline: torch.Tensor,
+                 dtype: torch.dtype | None = None, what: str = "") -> Comparison:
     """Raise AssertionError (with :func:`mismatch_report`) unless ``out`` is within the budget of the float64
     ``ref`` (see :func:`compare`); ``what`` prefixes the message. Returns the comparison."""
     dtype = dtype or out.dtype

@@ -66,7 +66,7 @@ GRIDS = {
     "full": {"d": (64, 128), "n": (1024, 4096, 16384), "causal": (0, 1)},
     # the main job's table: few points, few kernel variants to compile (the check compiles the same ones)
     "quick": {"d": (128,), "n": (1024, 4096), "causal": (1,)},
-    "smoke": {"d": (64,), "n": (64, 128), "causal": (0, 1)},  # the interpreter: checks the code, not the speed
+    "smoke": {"d": (64,), "n": (64, 128), "causal": (0, 1)},  # the interpreter: tests the code, not the speed
 }
 # Providers by default: the full grid on a GPU runs every peer a user would pick instead of ours; the quick
 # one only cuDNN (flex's first compile alone took 136 s on a cold H200); the interpreter only the reference.
@@ -295,8 +295,8 @@ def run_point(p: Point, args: argparse.Namespace, device: str,
         # budget, the same in the input dtype
         fwd_refs, grad_refs = {}, {}
         for temp in {peers.TEMPERATURE[name] for name in providers}:
-            fwd_refs[temp] = tuple(peers.reference_rows(*sets[0][:3], batches, rows, p.causal, mode, temp, dtype=dt)
-                                   for dt in (torch.float64, dtype))
+            fwd_refs[temp] = tuple(peers.reference_rows(*sets[0][:3], batches, rows, p.causal, mode, temp,
+                                                        dtype=dt) for dt in (torch.float64, dtype))
             if heads:
                 grad_refs[temp] = tuple(reference_grads(sets[0], heads, p.causal, mode, temp, dt)
                                         for dt in (torch.float64, dtype))
@@ -327,7 +327,7 @@ def run_point(p: Point, args: argparse.Namespace, device: str,
 
 def measure(rec: dict, p: Point, args: argparse.Namespace, name: str, pass_: str, sets: list, mode: str,
             fwd_refs: dict, grad_refs: dict, batches: torch.Tensor, rows: torch.Tensor, rep: float) -> None:
-    """Build (the first call, timed apart), check, measure the peak memory of one call, then time: fills rec."""
+    """Build (the first call timed apart), check, measure the peak memory of one call, time: fills rec."""
     temp = peers.TEMPERATURE[name]
     calls, first, rec["first_s"], rec["reason"] = build_calls(name, pass_, sets, p.causal, mode)
     if not calls:
@@ -350,15 +350,9 @@ def measure(rec: dict, p: Point, args: argparse.Namespace, name: str, pass_: str
 
 # --- output -------------------------------------------------------------------------------------
 
-def record_line(progress: str, r: dict, took: float, gpu: bool) -> str:
+def record_line(progress: str, r: dict, took: float) -> str:
     """One line per measured record: time (GPU: TFLOP/s and peak memory), errors against their budgets."""
-    if math.isnan(r["ms"]):
-        tail = f"not run ({r['reason']})"
-    elif gpu:
-        tail = (f"{r['ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s {harness.fmt(r['peak_mib'], 0):>6s} MiB, "
-                f"first call {r['first_s']:.1f} s")
-    else:
-        tail = f"{r['ms']:9.1f} ms (interpreter)"
+    tail = harness.timing_text(r)
     chk = ""
     if not math.isnan(r["err"]):
         chk = f" err {r['err']:.1e}/{r['tol']:.1e}"
@@ -403,7 +397,8 @@ def print_tables(records: list[dict], providers: list[str], gpu: bool) -> None:
             for key in keys:
                 by = {r["provider"]: r for r in sel if (r["D"], r["N"], r["causal"]) == key}
                 row = list(key)
-                row += [harness.fmt(by[q][metric], digits) + _mark(by[q]) if q in by else "-" for q in providers]
+                row += [harness.fmt(by[q][metric], digits) + _mark(by[q]) if q in by else "-"
+                        for q in providers]
                 if "ours" in by:
                     ours = by["ours"]["tflops"]
                     row += [harness.fmt(ours / by[q]["tflops"], 2) if q in by else "-" for q in peers_]
@@ -433,7 +428,8 @@ def print_memory(grid_recs: list[dict], providers: list[str]) -> None:
         rows = []
         for key in keys:
             by = {r["provider"]: r for r in sel if (r["mode"], r["D"], r["N"], r["causal"]) == key}
-            rows.append(list(key) + [harness.fmt(by[q]["peak_mib"], 0) if q in by else "-" for q in providers])
+            rows.append(list(key) + [harness.fmt(by[q]["peak_mib"], 0) if q in by else "-"
+                                     for q in providers])
         table(["mode", "D", "N", "causal"] + providers, rows,
               f"{pass_}: peak memory of one call, MiB above the live inputs (lower is better)")
 
@@ -447,8 +443,9 @@ def print_first_calls(records: list[dict], providers: list[str]) -> None:
         if not sel:
             continue
         worst = max(sel, key=lambda r: r["compile_s"])
+        where = f"{worst['mode']} {worst['pass']} D={worst['D']} N={worst['N']} causal={worst['causal']}"
         rows.append([name, len(sel), f"{sum(r['compile_s'] for r in sel):.1f}", f"{worst['compile_s']:.1f}",
-                     f"{worst['mode']} {worst['pass']} D={worst['D']} N={worst['N']} causal={worst['causal']}"])
+                     where])
     if rows:
         table(["provider", "first calls", "total s", "largest s", "largest at"], rows,
               "first calls: compile / autotune / plan time, not in the timings above (Triton caches compiled "
@@ -498,7 +495,8 @@ def run(args: argparse.Namespace, name: str = "bench_attention") -> tuple[int, l
     exit code 1 when ours failed a check, 2 when nothing could run."""
     gpu = harness.on_gpu()
     if not gpu and not args.smoke:
-        print("No CUDA device: the grid is for a GPU. Use --smoke for a tiny interpreter run.", file=sys.stderr)
+        print("No CUDA device: the grid is for a GPU. Use --smoke for a tiny interpreter run.",
+              file=sys.stderr)
         return 2, [], {}, None
     if not gpu and args.dtype == "bfloat16":
         print("warning: the Triton interpreter's bf16 dot is wrong; ours will fail its check", flush=True)
@@ -523,27 +521,29 @@ def run(args: argparse.Namespace, name: str = "bench_attention") -> tuple[int, l
     if not gpu:
         print(f"{name}: no GPU, so the tiny smoke grid through the Triton INTERPRETER on CPU; its timings "
               "say nothing about GPU speed (no TFLOP/s or memory is reported)", flush=True)
-    results = harness.ResultsFile("bench_attention", args.out, meta)  # one name: `plot` reads bench_attention_*
+    # one file name whatever the caller: `plot` reads bench_attention_*.json
+    results = harness.ResultsFile("bench_attention", args.out, meta)
     t_start = time.perf_counter()
     device = harness.device()
     with Progress(total, name) as bar:
         for i, p in enumerate(points):
             def on_record(rec: dict, took: float, label: str = p.label(), i: int = i) -> None:
-                bar.log(record_line(f"[{i + 1}/{len(points)} {label}]", rec, took, gpu))
+                bar.log(record_line(f"[{i + 1}/{len(points)} {label}]", rec, took))
                 bar.advance(f"{name} {label}")
 
             records = run_point(p, args, device, on_record)
             meta["elapsed_s"] = round(time.perf_counter() - t_start, 1)
             results.write(results.records + records)  # a cut-short run keeps these
     print_tables(results.records, args.providers, gpu)
-    print(f"\n{len(results.records)} results in {meta['elapsed_s']} s -> {results.json_path}, {results.csv_path}",
-          flush=True)
+    print(f"\n{len(results.records)} results in {meta['elapsed_s']} s -> {results.json_path}, "
+          f"{results.csv_path}", flush=True)
     ours_failed = any(r["check"] == "FAIL" and r["provider"].startswith("ours") for r in results.records)
     return (1 if ours_failed else 0), results.records, meta, results.json_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """benchmarks/bench_attention.py: the full grid with the long-context row and every provider by default."""
+    """benchmarks/bench_attention.py: the full grid with the long-context row and every provider by
+    default."""
     code = harness.ensure_backend()
     if code is not None:
         return code

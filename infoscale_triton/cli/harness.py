@@ -23,7 +23,8 @@ A benchmark script stays thin: it picks its shapes and providers and calls these
               short keeps what it measured. A record is one flat dict per measurement; the usual keys are
               provider, pass, ms, first_s, tflops or gbps, peak_mib, err, tol, check ("ok" / "FAIL" / "-"),
               reason (why it could not run). :func:`results_dir`: --smoke runs write outside the tracked
-              benchmarks/results/ unless --out says otherwise.
+              benchmarks/results/ unless --out says otherwise. :func:`timing_text`: a record's progress line
+              (ms alone through the interpreter: never a meaningless TFLOP/s or memory figure).
   output      :mod:`.console`: ``table(headers, rows, title)`` and ``Progress(total, name)`` (rich when
               installed, plain text otherwise); :func:`fmt` for numbers ("-" when not measured);
               :mod:`.plots` for the attention grid's PNGs.
@@ -299,7 +300,8 @@ class ResultsFile:
 
     def __init__(self, name: str, out_dir: Path, meta: dict) -> None:
         self.meta, self.records, self.summaries = meta, [], {}
-        stamp = datetime.fromisoformat(meta["timestamp"]) if "timestamp" in meta else datetime.now(timezone.utc)
+        stamp = datetime.fromisoformat(meta["timestamp"]) if "timestamp" in meta else \
+            datetime.now(timezone.utc)
         self.stem = Path(out_dir) / f"{name}_{stamp:%Y%m%dT%H%M%SZ}"
 
     @property
@@ -351,3 +353,15 @@ def fmt(x: float | None, digits: int | None = None) -> str:
     if digits is None:
         return f"{x:.0f}" if abs(x) >= 10 else f"{x:.2g}"
     return f"{x:.{digits}f}"
+
+
+def timing_text(rec: dict) -> str:
+    """A record's timing for a progress line: on a GPU ms, TFLOP/s, peak MiB and the first call's seconds;
+    through the interpreter ms alone (its TFLOP/s and memory mean nothing); why, when it did not run."""
+    if rec.get("ms") is None or math.isnan(rec["ms"]):
+        return f"not run ({rec.get('reason') or 'no time'})"
+    if not on_gpu():
+        return f"{rec['ms']:9.1f} ms (interpreter)"
+    return (f"{rec['ms']:9.3f} ms {fmt(rec.get('tflops'), 1):>7s} TFLOP/s "
+            f"{fmt(rec.get('peak_mib'), 0):>6s} MiB, first call {fmt(rec.get('first_s'), 1)} s")
+

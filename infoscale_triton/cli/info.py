@@ -118,7 +118,8 @@ def probe_path(probe: Probe, device: str, dtype: torch.dtype) -> tuple[bool, str
         return False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
     results = [testing.compare(o, t, lo, dtype) for o, t, lo in zip(ours, truth, low)]
     worst = max(r.error for r in results)
-    return all(r.ok for r in results), f"rel. err {worst:.1e} vs float64 reference [{time.perf_counter() - t0:.1f} s]"
+    took = time.perf_counter() - t0
+    return all(r.ok for r in results), f"rel. err {worst:.1e} vs float64 reference [{took:.1f} s]"
 
 
 def probe_peers(device: str) -> list[list[str]]:

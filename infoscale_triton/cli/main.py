@@ -88,7 +88,8 @@ def run_main_job(ap: argparse.ArgumentParser, full: bool) -> int:
     if not full:
         print("More: `python -m infoscale_triton --full` (every check case, the full grid against cuDNN, "
               "FlashAttention-2 and flex; tens of minutes on a cold GPU); `python -m infoscale_triton bench "
-              "--quick --providers ours sdpa_cudnn flex` adds FlexAttention (its first compile takes minutes).")
+              "--quick --providers ours sdpa_cudnn flex` adds FlexAttention (its first compile takes "
+              "minutes).")
     return code
 
 

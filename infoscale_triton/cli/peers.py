@@ -89,7 +89,8 @@ def _gqa(q: torch.Tensor, k: torch.Tensor) -> bool:
 def _ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mode: str, temp: str | None) -> Fn:
     cos, gqa = _cos(mode), _gqa(q, k)
     opts = {"temperature": temp, "train_len": N_TRAIN} if temp else {}
-    return lambda: scaled_dot_product_attention(q, k, v, is_causal=causal, cos_scale=cos, enable_gqa=gqa, **opts)
+    return lambda: scaled_dot_product_attention(q, k, v, is_causal=causal, cos_scale=cos, enable_gqa=gqa,
+                                                **opts)
 
 
 def ours(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mode: str) -> Fn:
