@@ -29,19 +29,29 @@ A benchmark script stays thin: it picks its shapes and providers and calls these
               installed, plain text otherwise); :func:`fmt` for numbers ("-" when not measured);
               :mod:`.plots` for the attention grid's PNGs.
 
-Sketch of a script (see benchmarks/bench_sequences.py):
+A thin script (benchmarks/bench_sequences.py is a full one):
 
-    def main(argv=None):
-        harness.ensure_backend()
-        args = parser().parse_args(argv)
+    from infoscale_triton.cli import harness, peers
+    from infoscale_triton.cli.console import table
+
+    def main(argv=None) -> int:
+        code = harness.ensure_backend()          # no GPU: re-run under the interpreter
+        if code is not None:
+            return code
+        args = parser().parse_args(argv)         # --smoke, --out (default None), --warmup, --rep, ...
         out = harness.ResultsFile("bench_thing", harness.results_dir(args.out, args.smoke),
-                                  harness.metadata(warmup_ms=args.warmup, rep_ms=args.rep))
-        for provider in providers:
-            built = peers.build(name, *sets[0], causal, mode)       # or any fn() of your own
-            rec = {"provider": name, **harness.check(built.out, ref64, low, dtype)}
-            rec["ms"] = harness.time_ms(calls, args.warmup, args.rep)
-            out.add(rec)
-        console.table(headers, rows, title)
+                                  harness.metadata(warmup_ms=args.warmup, rep_ms=args.rep, **settings))
+        for name in ("ours", "sdpa_cudnn"):
+            calls = [...one fn() per input set, harness.input_sets_needed(bytes_per_set) of them...]
+            built = peers.build_fn(lambda: calls[0])         # first call, timed; or the reason it cannot run
+            rec = {"provider": name, "first_s": built.first_s, "reason": built.reason}
+            if built.fn is not None:
+                rec |= harness.check(built.out, ref64, baseline, dtype)   # err, tol, check
+                rec["ms"] = harness.time_ms(calls, args.warmup, args.rep)
+            print(name, harness.timing_text(rec))
+            out.add(rec)                                      # JSON + CSV rewritten
+        table(headers, rows, title)
+        return 0
 
 Nothing here imports triton at module level except through the package (``import infoscale_triton``
 imports triton): scripts call :func:`ensure_backend` before the first kernel call.
