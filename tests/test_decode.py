@@ -37,6 +37,7 @@ from helpers import (
 import infoscale_triton
 from infoscale_triton import attention, decode
 from infoscale_triton.decode import check_decode_inputs, choose_splits, decode_forward
+from infoscale_triton.testing import error_budget
 
 gpu = pytest.mark.gpu
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -230,7 +231,7 @@ def test_matches_dense(opts: dict, lq: int, group: int, is_causal: bool, dtype: 
     dense = infoscale_triton.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True, **opts)
     ref_opts = reference_opts(q, k, None, is_causal=is_causal, **opts)
     ref64 = reference_in(torch.float64, q, k, v, **ref_opts)
-    budget = 2.0 * rel_error(reference_in(dtype, q, k, v, **ref_opts), ref64) + FLOOR[dtype]
+    budget = error_budget(rel_error(reference_in(dtype, q, k, v, **ref_opts), ref64), dtype)
     err = rel_error(ours, dense.to(torch.float64))
     assert err <= 2 * budget, f"decode vs dense: rel. difference {err:.3e} > {2 * budget:.3e}"
 
