@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infoscale_triton.cli import check, harness, plots
+from infoscale_triton.cli import bench, check, harness, plots
 from infoscale_triton.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +59,10 @@ def test_check_quick_cases() -> None:
     """The main job's few cases: on a GPU the benchmark's own kernel variants (D = 128, causal, both
     modes, so that `bench --quick` finds them compiled) and one off the fast path; bf16 alone there."""
     quick = [c for c in check.cases(gpu=True) if c.quick]
-    assert [(c.d, c.causal, c.cos) for c in quick[:2]] == [(128, True, False), (128, True, True)]
+    (d,), (causal,) = bench.GRIDS["quick"]["d"], bench.GRIDS["quick"]["causal"]
+    shared = [(c.d, c.causal, c.cos, c.temperature, c.mask, c.padding, c.window) for c in quick[:2]]
+    assert shared == [(d, bool(causal), cos, "infoscale", None, None, None) for cos in (False, True)]
+    assert bench.PROVIDERS_QUICK == ("ours", "sdpa_cudnn")  # flex (minutes to compile) only by flag
     assert len(quick) == 3 and quick[2].lq % 16 and quick[2].d == 80
     assert check.default_dtypes(gpu=True, quick=True) == ["bfloat16"]
     assert check.default_dtypes(gpu=False, quick=True) == ["float16", "float32"]
