@@ -204,8 +204,8 @@ def time_ms(calls: Sequence[Call], warmup_ms: float = 10, rep_ms: float = 100) -
 
 def peak_mib(call: Call) -> float:
     """MiB one call allocates on top of what is live before it (inputs, other providers' state); NaN
-    without CUDA (not measured)."""
-    if not torch.cuda.is_available():
+    without compiled kernels on a GPU (not measured)."""
+    if not on_gpu():
         return math.nan
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
