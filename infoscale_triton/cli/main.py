@@ -1,7 +1,7 @@
 """``python -m infoscale_triton`` (or ``infoscale-triton``): check the kernels, benchmark them, plot.
 
-    (none)  the main job: `check --quick`, then `bench --quick` (on a GPU about a minute from a cold
-            start, mostly compiling kernels: the verdict, then ours against SDPA cuDNN at a few points);
+    (none)  the main job: `check --quick`, then `bench --quick` (the verdict, then ours against SDPA
+            cuDNN at a few points; on a cold GPU the time goes to compiling a few kernel variants);
             --full: every check case in both dtypes, then the full grid against every peer
     check   the fused kernels against the float64 reference on a set of configurations, the output and
             the gradients of q, k, v; exit code 1 on any failure
