@@ -51,35 +51,24 @@ test the script (its timings mean nothing).
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
-import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-if not torch.cuda.is_available():
-    # No GPU: only the interpreter can run our kernels, and it must be chosen before triton is imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import triton
 
 import infoscale_triton
-from infoscale_triton import decode, forward, peers, reference
+from infoscale_triton import decode, forward, reference, testing
+from infoscale_triton.cli import harness, peers
+from infoscale_triton.cli.console import table
 from infoscale_triton.validation import Problem, check_inputs
 
-REPO = Path(__file__).resolve().parent.parent
 N_TRAIN = peers.N_TRAIN
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 PROVIDERS = ("ours", "ours_notemp", "sdpa_cudnn", "sdpa_flash", "flex", "ours_graph", "sdpa_cudnn_graph",
@@ -134,9 +123,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="dense forward vs decode kernel on short caches (the routing threshold "
                          "attention.DECODE_MIN_KEYS); --lk picks the lengths (default 16 to 4096)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                    help="results directory (default benchmarks/results/)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results/; --smoke: a temporary directory)")
     args = ap.parse_args(argv)
+    args.out = harness.results_dir(args.out, args.smoke)
     if args.dtype is None:
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     if args.lk is None:
@@ -147,117 +137,49 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --- providers ---------------------------------------------------------------------------------
+# A builder makes one timed call from one input set (q, k, v). Ours is the subject here (decode_attention,
+# with the cache's lengths); the peers are the harness's (infoscale_triton/cli/peers.py), on a single
+# query row: InfoScale's t_i from n_i = Lk, GQA passed as enable_gqa.
 
-def _factors(q: torch.Tensor, lk: int) -> torch.Tensor:
-    """InfoScale t_i per query row as (Lq, 1) in q's dtype: the rows are the cache's last Lq positions."""
-    return peers.row_factors(q.shape[2], lk, True, q.shape[-1], q.device).to(q.dtype)[:, None]
+Builder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Fn]
 
 
-def _ours(temperature: str | None, num_splits: int | None = None) -> Callable[..., tuple[Fn, str]]:
-    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+def _ours(temperature: str | None, num_splits: int | None = None) -> Builder:
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fn:
         opts = {"temperature": temperature, "train_len": N_TRAIN} if temperature else {}
-        return (lambda: infoscale_triton.decode_attention(q, k, v, num_splits=num_splits, **opts)), ""
+        return lambda: infoscale_triton.decode_attention(q, k, v, num_splits=num_splits, **opts)
     return build
 
 
-def _sdpa(backend_name: str) -> Callable[..., tuple[Fn, str]]:
-    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
-        if q.device.type != "cuda":
-            raise peers.Unavailable(f"sdpa {backend_name} needs CUDA tensors")
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backend = getattr(SDPBackend, backend_name)
-        t = _factors(q, k.shape[2])
-
-        def gqa() -> torch.Tensor:
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q * t, k, v, enable_gqa=True)
-
-        try:
-            gqa()
-            return gqa, "enable_gqa=True"
-        except RuntimeError as e:
-            refusal = peers._reason(e)
-        group = q.shape[1] // k.shape[1]
-        k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-
-        def repeated() -> torch.Tensor:
-            with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q * t, k_rep, v_rep)
-
-        return repeated, f"repeat_interleave x{group} (reads {group}x the cache; enable_gqa refused: {refusal})"
+def _peer(name: str) -> Builder:
+    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fn:
+        return peers.PROVIDERS[name](q, k, v, True, "infoscale")  # one row: causal or not, it sees every key
     return build
 
 
-_SCORE_MODS: dict[tuple, Callable] = {}  # one per shape: every input set reuses one compiled graph
-
-
-def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
-    if q.device.type != "cuda":
-        raise peers.Unavailable("flex needs CUDA tensors (a CPU compile is not what we compare with)")
-    attend = peers._compiled_flex()
-    key = (q.shape[2], k.shape[2], q.shape[-1], str(q.device))
-    if key not in _SCORE_MODS:
-        t = _factors(q, k.shape[2]).float()[:, 0]
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score * t[q_idx]
-
-        _SCORE_MODS[key] = score_mod
-    score_mod = _SCORE_MODS[key]
-    return (lambda: attend(q, k, v, score_mod=score_mod, enable_gqa=True)), "enable_gqa=True"
-
-
-def _graphed(builder: Callable[..., tuple[Fn, str]]) -> Callable[..., tuple[Fn, str]]:
-    """The same call captured in a CUDA graph and replayed: the GPU time without the host's launch cost
-    (how a decoding loop runs in practice: vLLM, transformers' static cache under torch.compile)."""
-    def build(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
-        if q.device.type != "cuda":
-            raise peers.Unavailable("CUDA graphs need CUDA tensors")
-        fn, note = builder(q, k, v)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # compile / plan outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-
-        def replay() -> torch.Tensor:
-            graph.replay()
-            return out
-        return replay, ("graph; " + note).rstrip("; ")
-    return build
+def _graphed(builder: Builder) -> Builder:
+    """The same call replayed from a CUDA graph (peers.graphed): the GPU time without the host's launch cost."""
+    return lambda q, k, v: peers.graphed(builder(q, k, v))
 
 
 BUILDERS: dict[str, Builder] = {"ours": _ours("infoscale"), "ours_notemp": _ours(None),
-                                "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"), "sdpa_flash": _sdpa("FLASH_ATTENTION"),
-                                "flex": _flex}
+                                "sdpa_cudnn": _peer("sdpa_cudnn"), "sdpa_flash": _peer("sdpa_flash"),
+                                "flex": _peer("flex")}
 for _name in ("ours", "sdpa_cudnn", "sdpa_flash"):
     BUILDERS[_name + "_graph"] = _graphed(BUILDERS[_name])
 
 
-Builder = Callable[..., tuple[Fn, str]]
+def build(builder: Builder, sets: list[tuple[torch.Tensor, ...]]) -> tuple[list[Fn], peers.Built]:
+    """One call per input set, and the first set's first call (its output, its wall time, or the reason the
+    provider cannot run: peers.build_fn), outside any timing."""
+    fns: list[Fn] = []
 
+    def make() -> Fn:
+        fns.extend(builder(*s) for s in sets)
+        return fns[0]
 
-def build(builder: Builder, sets: list[tuple[torch.Tensor, ...]]) -> tuple[list[Fn], str, torch.Tensor | None, str]:
-    """One call per input set, the note, the first set's output, and the reason when it cannot run.
-    The first call (compile, autotune, cuDNN plan) happens here, outside any timing."""
-    try:
-        built = [builder(*s) for s in sets]
-        out = built[0][0]()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # surface asynchronous launch errors here
-        return [fn for fn, _ in built], built[0][1], out, ""
-    except peers.OOM:
-        reason = "out of memory"
-    except peers.Unavailable as e:
-        reason = str(e)
-    except Exception as e:  # noqa: BLE001 - any failure of a peer is recorded, never fatal
-        reason = peers._reason(e)
-    peers.free_memory()
-    return [], "", None, reason
+    built = peers.build_fn(make)
+    return (fns if built.fn is not None else []), built
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -269,6 +191,7 @@ class Row:
     ms: float = float("nan")
     gbps: float = float("nan")
     of_copy: float = float("nan")
+    first_s: float = float("nan")  # the first call's wall seconds (compiling, plans), not in ms
     err: float = float("nan")
     tol: float = float("nan")
     ok: bool | None = None  # None: not checked
@@ -283,7 +206,7 @@ def make_sets(shape: Shape, lk: int, dtype: torch.dtype, device: str, seed: int,
     ``max_sets``)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     kv_bytes = 2 * shape.b * shape.hkv * lk * shape.d * torch.empty((), dtype=dtype).element_size()
-    n_sets = min(peers.input_sets_needed(kv_bytes), max_sets or math.inf)
+    n_sets = min(harness.input_sets_needed(kv_bytes), max_sets or math.inf)
 
     def randn(*size: int) -> torch.Tensor:
         return torch.randn(size, generator=gen, device=device, dtype=dtype)
@@ -298,29 +221,30 @@ def moved_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 
 def copy_gbps(mib: int, warmup: float, rep: float) -> float:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).random_()
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=harness.device()).random_()
     dst = torch.empty_like(src)
-    ms = peers.time_ms([lambda: dst.copy_(src)], warmup, rep)
+    ms = harness.time_ms([lambda: dst.copy_(src)], warmup, rep)
     return 2 * mib * 2**20 / (ms * 1e6)
 
 
 def reference_error(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype,
                     temperature: str | None, is_causal: bool = False) -> tuple[float, float]:
-    """(error, tolerance): the output against the float64 reference, the budget from the reference in
-    ``dtype``. Causal rows are the cache's last Lq positions (bottom-right), as in decoding."""
+    """(error, budget): the output against the float64 reference, the budget from the reference in
+    ``dtype`` (infoscale_triton.testing). Causal rows are the cache's last Lq positions (bottom-right), as
+    in decoding."""
     opts = {"enable_gqa": True, "is_causal": is_causal, "temperature": temperature,
             "train_len": N_TRAIN if temperature else None}
     ref64 = reference.scaled_dot_product_attention(q.double(), k.double(), v.double(), **opts)
     low = reference.scaled_dot_product_attention(q, k, v, **opts)
-    return peers.rel_err(out, ref64), peers.tolerance(peers.rel_err(low, ref64), dtype)
+    c = testing.compare(out, ref64, low, dtype)
+    return c.error, c.budget
 
 
 def check(row: Row, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype,
           temperature: str | None) -> None:
     """The provider's output against the float64 reference (and the reference in ``dtype`` for the budget)."""
     row.err, row.tol = reference_error(out, q, k, v, dtype, temperature)
-    row.ok = peers.passes(row.err, row.tol)
+    row.ok = testing.within_budget(row.err, row.tol)
 
 
 def measure(name: str, sets: list, lk: int, copy: float, args: argparse.Namespace, do_check: bool,
@@ -328,13 +252,14 @@ def measure(name: str, sets: list, lk: int, copy: float, args: argparse.Namespac
     """Build (BUILDERS[name] unless ``builder``), check if asked, time. ``name`` labels the row; what
     it computes is InfoScale unless it starts with ours_notemp."""
     row = Row(lk, name, config=config or {})
-    fns, row.note, out, row.reason = build(builder or BUILDERS[name], sets)
+    fns, built = build(builder or BUILDERS[name], sets)
+    row.note, row.reason, row.first_s = built.note, built.reason, built.first_s
     if not fns:
         return row
     if do_check:
-        check(row, out, *sets[0], DTYPES[args.dtype], None if name.startswith("ours_notemp") else "infoscale")
-    del out
-    row.ms = peers.time_ms(fns, args.warmup, args.rep)
+        check(row, built.out, *sets[0], DTYPES[args.dtype], None if name.startswith("ours_notemp") else "infoscale")
+    del built
+    row.ms = harness.time_ms(fns, args.warmup, args.rep)
     row.gbps = moved_bytes(*sets[0]) / (row.ms * 1e6)
     row.of_copy = row.gbps / copy
     return row
@@ -393,13 +318,13 @@ def short_problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature
 
 def short_launchers(temperature: str | None) -> dict[str, Builder]:
     """Builders of the two launchers on one input set (validation outside the timed call)."""
-    def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+    def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fn:
         p = short_problem(q, k, v, temperature)
-        return (lambda: forward.attention_forward(q, k, v, p)[0]), ""
+        return lambda: forward.attention_forward(q, k, v, p)[0]
 
-    def decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Fn, str]:
+    def decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fn:
         p = short_problem(q, k, v, temperature)
-        return (lambda: decode.decode_forward(q, k, v, p)), ""
+        return lambda: decode.decode_forward(q, k, v, p)
 
     return {"dense": dense, "decode": decoding}
 
@@ -440,28 +365,28 @@ def measure_short(b: int, lq: int, lk: int, temperature: str | None, shape: Shap
                   seed: int) -> ShortRow:
     """Both launchers at one point: checked, timed eagerly and (CUDA only) as graph replays."""
     row = ShortRow(b, lq, lk, temperature or "none")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
-    sets = make_sets(Shape(b, shape.hkv, shape.hq, shape.d, lq), lk, dtype, device, seed, SHORT_MAX_SETS)
+    sets = make_sets(Shape(b, shape.hkv, shape.hq, shape.d, lq), lk, dtype, harness.device(), seed,
+                     SHORT_MAX_SETS)
     q, k, v = sets[0]
     row.splits = decode_splits(q, short_problem(q, k, v, temperature))
     errors, tols = {}, []
     for name, builder in short_launchers(temperature).items():
-        fns, _, out, reason = build(builder, sets)
+        fns, built = build(builder, sets)
         if not fns:
-            row.reason = f"{name}: {reason}"
+            row.reason = f"{name}: {built.reason}"
             return row
-        errors[name], tol = reference_error(out, q, k, v, dtype, temperature, is_causal=True)
+        errors[name], tol = reference_error(built.out, q, k, v, dtype, temperature, is_causal=True)
         tols.append(tol)
         setattr(row, f"{name}_us", 1e3 * back_to_back_ms(fns, args.warmup, args.rep))
-        graphed, _, _, reason = build(_graphed(builder), sets)
+        graphed, built = build(_graphed(builder), sets)
         if graphed:
-            setattr(row, f"{name}_graph_us", 1e3 * peers.time_ms(graphed, args.warmup, args.rep))
+            setattr(row, f"{name}_graph_us", 1e3 * harness.time_ms(graphed, args.warmup, args.rep))
         elif torch.cuda.is_available():  # (no graphs on the CPU: nothing to report there)
-            row.reason = f"{name}_graph: {reason}"
-        del fns, graphed, out
+            row.reason = f"{name}_graph: {built.reason}"
+        del fns, graphed, built
     row.dense_err, row.decode_err, row.tol = errors["dense"], errors["decode"], max(tols)
-    row.ok = all(peers.passes(e, row.tol) for e in errors.values())
+    row.ok = all(testing.within_budget(e, row.tol) for e in errors.values())
     return row
 
 
@@ -480,18 +405,17 @@ def suggested_threshold(rows: list[ShortRow], mode: str) -> str:
     return "1" if from_lk == lengths[0] else str(from_lk)
 
 
-def short_table(rows: list[ShortRow]) -> str:
-    def num(x: float, fmt: str) -> str:
-        return "-" if math.isnan(x) else format(x, fmt)
+def short_table(rows: list[ShortRow], title: str) -> None:
+    body = [[r.lk, r.splits, harness.fmt(r.dense_us, 1), harness.fmt(r.decode_us, 1),
+             harness.fmt(r.dense_us / r.decode_us, 2), harness.fmt(r.dense_graph_us, 1),
+             harness.fmt(r.decode_graph_us, 1), harness.fmt(r.dense_graph_us / r.decode_graph_us, 2),
+             _err(r.dense_err) + ("" if r.ok is not False else "!"), _err(r.decode_err), r.reason] for r in rows]
+    table(["Lk", "splits", "dense us", "decode us", "dense/decode", "dense graph us", "decode graph us",
+           "graph dense/decode", "dense err", "decode err", "reason"], body, title)
 
-    body = [[r.lk, r.splits, num(r.dense_us, ".1f"), num(r.decode_us, ".1f"), num(r.dense_us / r.decode_us, ".2f"),
-             num(r.dense_graph_us, ".1f"), num(r.decode_graph_us, ".1f"),
-             num(r.dense_graph_us / r.decode_graph_us, ".2f"),
-             num(r.dense_err, ".1e") + ("" if r.ok is not False else " !"), num(r.decode_err, ".1e"), r.reason]
-            for r in rows]
-    return peers.format_table(["Lk", "splits", "dense us", "decode us", "dense/decode", "dense graph us",
-                               "decode graph us", "graph dense/decode", "dense err", "decode err", "reason"],
-                              body)
+
+def _err(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.1e}"
 
 
 def main_short(args: argparse.Namespace) -> int:
@@ -499,97 +423,79 @@ def main_short(args: argparse.Namespace) -> int:
     attention.DECODE_MIN_KEYS for eager calls and for graph replays."""
     grid = "smoke" if args.smoke else "full"
     shape = SMOKE if args.smoke else FULL
-    env = environment(args, float("nan"), shape)
-    env["shape"] = {**asdict(shape), "b": list(SHORT_BATCHES[grid]), "lq": list(SHORT_QUERY_ROWS),
-                    "causal": True, "max_sets": SHORT_MAX_SETS}
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"bench_decode_short_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    shape_meta = {**asdict(shape), "b": list(SHORT_BATCHES[grid]), "lq": list(SHORT_QUERY_ROWS),
+                  "causal": True, "max_sets": SHORT_MAX_SETS}
+    out = harness.ResultsFile("bench_decode_short", args.out, settings(args, math.nan, shape_meta))
     rows: list[ShortRow] = []
     groups = itertools.product(SHORT_BATCHES[grid], SHORT_QUERY_ROWS, SHORT_TEMPERATURES)
     for i, (b, lq, temperature) in enumerate(groups):
         group = [measure_short(b, lq, lk, temperature, shape, args, args.seed + 100 * i + j)
                  for j, lk in enumerate(args.lk)]
         rows += group
-        print(f"\nB={b} Hkv={shape.hkv} Hq={shape.hq} D={shape.d} Lq={lq} causal, temperature={temperature}, "
-              f"{args.dtype}")
-        print(short_table(group), flush=True)
-        peers.free_memory()
-        write_results(base, env, rows)  # rewritten after every group: a cut run keeps its rows
+        short_table(group, f"B={b} Hkv={shape.hkv} Hq={shape.hq} D={shape.d} Lq={lq} causal, "
+                           f"temperature={temperature}, {args.dtype}" + INTERPRETER_NOTE)
+        harness.free_memory()
+        out.write([asdict(r) for r in rows])  # rewritten after every group: a cut run keeps its rows
     for mode, what in (("", "eager (back-to-back calls)"), ("_graph", "graph replays (GPU time)")):
         print(f"decode no slower than dense (within {SHORT_TOLERANCE:.0%}) from Lk = "
               f"{suggested_threshold(rows, mode)}: {what}")
-    print(f"\nresults: {base}.{{json,csv}}")
+    print(f"\nresults: {out.json_path}, {out.csv_path}")
     return 1 if any(r.ok is False or r.reason for r in rows) else 0
 
 
 # --- output ------------------------------------------------------------------------------------
 
-def environment(args: argparse.Namespace, copy: float, shape: Shape) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"none (CPU {platform.machine()})"
-    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-            "commit": commit, "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "interpreter": not torch.cuda.is_available(), "dtype": args.dtype, "shape": asdict(shape),
-            "copy_gbps": copy, "copy_mib": args.copy_mib, "warmup_ms": args.warmup, "rep_ms": args.rep}
+INTERPRETER_NOTE = "" if harness.on_gpu() else " (Triton INTERPRETER on CPU: the times say nothing about GPU speed)"
 
 
-def write_results(base: Path, env: dict, rows: list[Row] | list[ShortRow]) -> None:
-    """``base``.json and ``base``.csv, rewritten whole."""
-    records = [asdict(r) for r in rows]
-    base.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": records}, indent=1))
-    with base.with_suffix(".csv").open("w", newline="") as f:
-        fields = ["gpu", "timestamp", "commit", "dtype"] + (list(records[0]) if records else [])
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in records:
-            if "config" in r:
-                r = {**r, "config": json.dumps(r["config"])}
-            writer.writerow({**{k: env[k] for k in ("gpu", "timestamp", "commit", "dtype")}, **r})
+def settings(args: argparse.Namespace, copy: float, shape: dict) -> dict:
+    """The results' metadata: the harness's and this run's options."""
+    return harness.metadata(dtype=args.dtype, shape=shape, copy_gbps=copy, copy_mib=args.copy_mib,
+                            warmup_ms=args.warmup, rep_ms=args.rep,
+                            first_s="wall time of the first call (compiling, plans), not in ms")
 
 
-def table(rows: list[Row]) -> str:
-    def num(x: float, fmt: str) -> str:
-        return "-" if math.isnan(x) else format(x, fmt)
-
-    body = [[r.lk, r.provider + ("" if r.ok is not False else " !"), num(r.ms * 1e3, ".1f"), num(r.gbps, ".0f"),
-             num(100 * r.of_copy, ".1f"), num(r.err, ".1e"), r.reason or r.note] for r in rows]
-    return peers.format_table(["Lk", "provider", "us", "GB/s", "% copy", "rel err", "note / reason"], body)
+def print_table(rows: list[Row], title: str) -> None:
+    gpu = harness.on_gpu()
+    body = [[r.lk, r.provider + ("" if r.ok is not False else " !"), harness.fmt(r.ms * 1e3, 1)]
+            + ([harness.fmt(r.gbps, 0), harness.fmt(100 * r.of_copy, 1), harness.fmt(r.first_s, 1)] if gpu else [])
+            + [_err(r.err), r.reason or r.note] for r in rows]
+    headers = ["Lk", "provider", "us"] + (["GB/s", "% copy", "first call s"] if gpu else []) + ["rel err",
+                                                                                                "note / reason"]
+    table(headers, body, title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = harness.ensure_backend()
+    if code is not None:
+        return code
     args = parse_args(argv)
     shape = SMOKE if args.smoke else FULL
-    if not torch.cuda.is_available() and not args.smoke:
+    if not harness.on_gpu() and not args.smoke:
         print("no CUDA device: run with --smoke to test the script through the Triton interpreter")
         return 2
     if args.short:
         return main_short(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     copy = copy_gbps(args.copy_mib, args.warmup, args.rep)
-    peers.free_memory()  # the copy buffers
-    print(f"copy bandwidth ({args.copy_mib} MiB, read + write): {copy:.0f} GB/s", flush=True)
-    env = environment(args, copy, shape)
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"bench_decode_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    harness.free_memory()  # the copy buffers
+    if harness.on_gpu():
+        print(f"copy bandwidth ({args.copy_mib} MiB, read + write): {copy:.0f} GB/s", flush=True)
+    out = harness.ResultsFile("bench_decode", args.out, settings(args, copy, asdict(shape)))
     rows: list[Row] = []
     failed = False
     for i, lk in enumerate(args.lk):
-        sets = make_sets(shape, lk, dtype, device, args.seed + i)
+        sets = make_sets(shape, lk, dtype, harness.device(), args.seed + i)
         point = [measure(name, sets, lk, copy, args, args.check_all or i == 0) for name in args.providers]
         point += tuning_rows(sets, lk, copy, args)
         failed |= any(r.ok is False or r.reason for r in point if r.provider in ("ours", "ours_notemp"))
         rows += point
-        print(f"\nB={shape.b} Hkv={shape.hkv} Hq={shape.hq} D={shape.d} Lq={shape.lq} Lk={lk} {args.dtype}")
-        print(table(point), flush=True)
+        print_table(point, f"B={shape.b} Hkv={shape.hkv} Hq={shape.hq} D={shape.d} Lq={shape.lq} Lk={lk} "
+                           f"{args.dtype}" + INTERPRETER_NOTE)
         del sets
-        peers.free_memory()
-        write_results(base, env, rows)  # rewritten after every length: a cut run keeps its rows
-    print(f"\nresults: {base}.{{json,csv}}")
+        harness.free_memory()
+        out.write([asdict(r) for r in rows])  # rewritten after every length: a cut run keeps its rows
+    print(f"\nresults: {out.json_path}, {out.csv_path}")
     return 1 if failed else 0
 
 

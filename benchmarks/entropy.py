@@ -14,9 +14,10 @@ Dv = 16 (only the entropy is wanted). Reported: the mean over heads of the last 
 which see about L keys ("entropy"), and the mean over every row ("entropy_all_rows").
 
 Trained model (panels "model_dot", "model_cos"): the two RoPE transformers of
-benchmarks/extrapolation.py (MLM, bidirectional, train length 64), from --checkpoint (written by
-``extrapolation.py --save-checkpoint``) or trained here for --train-seconds each. The held-out stdlib
-bytes (extrapolation's test split and MLM corruption) are cut into windows of each length; every layer's
+benchmarks/extrapolation.py (MLM, bidirectional, train length 64; the code is in
+infoscale_triton/cli/textmodel.py), from --checkpoint (written by ``extrapolation.py --save-checkpoint``)
+or trained here for --train-seconds each. The held-out stdlib bytes (extrapolation's test split and MLM
+corruption) are cut into windows of each length; every layer's
 attention runs with the inference temperature and reports its entropy. Reported: the mean over rows,
 heads and windows, per layer ("entropy_layers") and over the layers ("entropy").
 
@@ -52,8 +53,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import importlib.util
-import json
 import math
 import os
 import sys
@@ -63,37 +62,18 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
 import infoscale_triton
-from infoscale_triton import reference
-from infoscale_triton.console import table
+from infoscale_triton import reference, testing
+from infoscale_triton.cli import harness, textmodel
+from infoscale_triton.cli.console import table
 
-REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 # The float64 reference's peak memory per logit (B * H * Lq * Lk) until one is measured on the GPU:
 # about six live (B, H, Lq, Lk) float64 tensors.
 REF_BYTES_PER_LOGIT = 48.0
-
-
-def load_extrapolation() -> ModuleType:
-    """benchmarks/extrapolation.py as a module (benchmarks/ is not a package): its data, model and
-    training code are used as they are."""
-    name = "extrapolation"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "extrapolation.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before exec: its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-xp = load_extrapolation()
 
 
 @dataclass
@@ -130,10 +110,6 @@ def call_kwargs(logits: str, temperature: str, train_len: int, cos_scale: float)
     return {"cos_scale": cos_scale if logits == "cos" else None,
             "temperature": None if temperature == "none" else temperature,
             "train_len": None if temperature == "none" else train_len}
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).norm() / want.norm().clamp_min(1e-300)).item()
 
 
 # ------------------------------------------------------------------------------- reference, guarded
@@ -189,8 +165,8 @@ class ReferenceGuard:
         if want is None:
             self.oom_length[panel] = length
             return {**record, "status": "oom", "seconds": seconds}
-        record.update(status="checked", seconds=seconds, rel_err_entropy=relative_error(entropy, want[0]),
-                      rel_err_max_prob=relative_error(max_prob, want[1]),
+        record.update(status="checked", seconds=seconds, rel_err_entropy=testing.rel_error(entropy, want[0]),
+                      rel_err_max_prob=testing.rel_error(max_prob, want[1]),
                       max_abs_err_entropy=(entropy.double() - want[0]).abs().max().item())
         if kwargs.get("cos_scale") is not None and q.dtype in (torch.float16, torch.bfloat16):
             # Under CosScale the kernels read the unit keys rounded to the input dtype (as F.normalize in
@@ -200,7 +176,7 @@ class ReferenceGuard:
             unit_q = torch.nn.functional.normalize(q.double(), dim=-1)
             rounded = self._run(unit_q, unit_k, logits, **{**kwargs, "cos_scale": None,
                                                            "scale": kwargs["cos_scale"]})
-            record["rel_err_entropy_rounded_unit_keys"] = relative_error(entropy, rounded[0])
+            record["rel_err_entropy_rounded_unit_keys"] = testing.rel_error(entropy, rounded[0])
         return record
 
     def _run(self, q: torch.Tensor, k: torch.Tensor, logits: int,
@@ -248,10 +224,10 @@ def random_panel(head_dim: int, s: Settings, guard: ReferenceGuard, device: torc
                 q, k, v = (t[:, :, :length] for t in (q_all, k_all, v_all))
                 if device.type == "cuda":  # compile outside the timing
                     infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **kwargs)
-                xp.sync(device)
+                textmodel.sync(device)
                 start = time.perf_counter()
                 _, ent = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **kwargs)
-                xp.sync(device)
+                textmodel.sync(device)
                 seconds = time.perf_counter() - start
                 last = min(s.last_rows, length)
                 uniform_last, uniform_all = causal_uniform(length, last)
@@ -285,8 +261,8 @@ class LayerStats:
 
 
 def probed_attend(layer: int, stats: LayerStats, guard: ReferenceGuard | None, panel: str, q: torch.Tensor,
-                  k: torch.Tensor, v: torch.Tensor, kind: xp.AttentionKind) -> torch.Tensor:
-    """extrapolation.Block.attend with return_entropy: the same attention call, its entropy kept, and the
+                  k: torch.Tensor, v: torch.Tensor, kind: textmodel.AttentionKind) -> torch.Tensor:
+    """textmodel.Block.attend with return_entropy: the same attention call, its entropy kept, and the
     first window checked against the reference once per layer."""
     kwargs = {"is_causal": kind.causal, "cos_scale": kind.cos_scale, "temperature": kind.temperature,
               "train_len": kind.train_len}
@@ -295,13 +271,13 @@ def probed_attend(layer: int, stats: LayerStats, guard: ReferenceGuard | None, p
     if guard is not None and stats.reference[layer] is None:
         start = time.perf_counter()
         stats.reference[layer] = guard.check(panel, q[:1], k[:1], ent.entropy[:1], ent.max_prob[:1], **kwargs)
-        xp.sync(q.device)
+        textmodel.sync(q.device)
         stats.reference_seconds += time.perf_counter() - start
     return out
 
 
 @contextmanager
-def probe(model: xp.Transformer, guard: ReferenceGuard | None, panel: str) -> Iterator[LayerStats]:
+def probe(model: textmodel.Transformer, guard: ReferenceGuard | None, panel: str) -> Iterator[LayerStats]:
     """Swap each block's attend for probed_attend (an instance attribute over the method) while inside."""
     stats = LayerStats(len(model.blocks), next(model.parameters()).device)
     for layer, block in enumerate(model.blocks):
@@ -314,23 +290,23 @@ def probe(model: xp.Transformer, guard: ReferenceGuard | None, panel: str) -> It
 
 
 @torch.no_grad()
-def model_length(model: xp.Transformer, kind: xp.AttentionKind, inputs: torch.Tensor, length: int,
-                 cfg: xp.Config, guard: ReferenceGuard, panel: str) -> dict:
+def model_length(model: textmodel.Transformer, kind: textmodel.AttentionKind, inputs: torch.Tensor, length: int,
+                 cfg: textmodel.Config, guard: ReferenceGuard, panel: str) -> dict:
     """Entropy per layer over the eval tokens cut into windows of `length`, in batches of
-    cfg.eval_batch_tokens tokens (as extrapolation.evaluate)."""
+    cfg.eval_batch_tokens tokens (as textmodel.evaluate)."""
     device = inputs.device
     x = inputs.view(-1, length)
     batch = max(1, cfg.eval_batch_tokens // length)
     if device.type == "cuda":
-        with probe(model, None, panel), xp.autocast(device):  # compile outside the timing
+        with probe(model, None, panel), textmodel.autocast(device):  # compile outside the timing
             model(x[:1], kind)
-        xp.sync(device)
+        textmodel.sync(device)
     start = time.perf_counter()
     with probe(model, guard, panel) as stats:
         for i in range(0, x.shape[0], batch):
-            with xp.autocast(device):
+            with textmodel.autocast(device):
                 model(x[i:i + batch], kind)
-        xp.sync(device)
+        textmodel.sync(device)
     seconds = time.perf_counter() - start - stats.reference_seconds
     layers = (stats.entropy / torch.tensor(stats.rows, device=device)).tolist()
     max_prob = (stats.max_prob / torch.tensor(stats.rows, device=device)).tolist()
@@ -355,11 +331,11 @@ def worst_reference(records: list[dict | None]) -> dict:
     return {**records[0], **worst}
 
 
-def train_models(cfg: xp.Config, stream: torch.Tensor) -> tuple[dict, dict]:
-    """Both models trained with extrapolation's own functions (equal steps for both, as there)."""
+def train_models(cfg: textmodel.Config, stream: torch.Tensor) -> tuple[dict, dict]:
+    """Both models trained with the experiment's own functions (textmodel) (equal steps for both, as there)."""
     models, training, steps = {}, {}, None
-    for name in xp.MODELS:
-        models[name], training[name] = xp.train_model(name, cfg, stream, steps)
+    for name in textmodel.MODELS:
+        models[name], training[name] = textmodel.train_model(name, cfg, stream, steps)
         models[name].eval()
         steps = steps or training[name]["steps"]
     return models, training
@@ -369,28 +345,28 @@ def model_panels(s: Settings, guard: ReferenceGuard, device: torch.device,
                  smoke: bool) -> tuple[list[dict], dict]:
     """The trained models' rows, from --checkpoint or trained here for s.train_seconds each."""
     if s.checkpoint:
-        cfg, models, training = xp.load_checkpoint(Path(s.checkpoint), device)
+        cfg, models, training = textmodel.load_checkpoint(Path(s.checkpoint), device)
         training = {"checkpoint": s.checkpoint, **training}
         print(f"models from {s.checkpoint}: {cfg.layers} layers, d_model {cfg.d_model}, {cfg.heads} heads, "
               f"train length {cfg.train_len}, cos_scale {cfg.cos_scale:g}", flush=True)
     else:
-        cfg = xp.Config(train_seconds=s.train_seconds)
-        cfg = xp.smoke_config(cfg) if smoke else cfg
-    train_tokens, test_tokens, data_info = xp.load_data(cfg)
+        cfg = textmodel.Config(train_seconds=s.train_seconds)
+        cfg = textmodel.smoke_config(cfg) if smoke else cfg
+    train_tokens, test_tokens, data_info = textmodel.load_data(cfg)
     if not s.checkpoint:
         models, training = train_models(cfg, train_tokens.to(device))
     # extrapolation's held-out bytes and MLM corruption: the same tokens at every length
     lengths = s.lengths
     tokens = math.ceil(s.model_tokens / max(lengths)) * max(lengths)
     eval_cfg = replace(cfg, lengths=lengths, eval_tokens=tokens)
-    inputs, _ = xp.eval_set(test_tokens.to(device), eval_cfg)
+    inputs, _ = textmodel.eval_set(test_tokens.to(device), eval_cfg)
     if inputs.numel() < max(lengths):
         raise SystemExit(f"the test split has {test_tokens.numel()} tokens, fewer than {max(lengths)}")
     rows = []
     for name, model in models.items():
         panel = f"model_{name}"
         for temp in s.temperatures:
-            kind = xp.inference_kind(name, temp, cfg)
+            kind = textmodel.inference_kind(name, temp, cfg)
             for length in lengths:
                 metrics = model_length(model, kind, inputs, length, cfg, guard, panel)
                 rows.append({"input": panel, "logits": name, "temperature": temp, "length": length,
@@ -577,8 +553,9 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
                    help="held-out tokens run through the model at each length (rounded up to a multiple of "
                         "the longest length)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter, < 1 minute)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                   help="where the JSON and the PNG go")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where the JSON, CSV and PNG go (default benchmarks/results/; --smoke: a temporary "
+                        "directory)")
     a = p.parse_args()
     lengths = [a.min_length * 2**i for i in range(64) if a.min_length * 2**i <= a.max_length]
     dtype = a.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
@@ -596,47 +573,50 @@ def parse_args() -> tuple[Settings, argparse.Namespace]:
     return s, a
 
 
-def main() -> None:
+def main() -> int:
+    code = harness.ensure_backend()
+    if code is not None:
+        return code
     s, args = parse_args()
     started = datetime.now(timezone.utc)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / f"entropy_{stamp}.json", args.out / f"entropy_{stamp}.png"
+    device = torch.device(harness.device())
+    out = harness.ResultsFile("entropy", harness.results_dir(args.out, args.smoke), harness.metadata())
+    png_path = out.stem.with_suffix(".png")
     guard = ReferenceGuard(device, s.ref_max_length, s.oom_attempt)
     phases: dict[str, float] = {}
-    report: dict = {"settings": asdict(s), "meta": xp.metadata(device),
-                    "seeds": {f"random_d{d}": s.seed + d for d in s.head_dims} if s.random else {},
-                    "results": [], "phases_s": phases}
+    out.summaries.update(settings=asdict(s), phases_s=phases,
+                         seeds={f"random_d{d}": s.seed + d for d in s.head_dims} if s.random else {})
 
     for head_dim in s.head_dims if s.random else []:
         t0 = time.perf_counter()
         print(f"random inputs, D = {head_dim}: {len(s.lengths)} lengths x {2 * len(s.temperatures)} methods",
               flush=True)
-        report["results"] += random_panel(head_dim, s, guard, device)
+        out.records += random_panel(head_dim, s, guard, device)
         phases[f"random_d{head_dim}"] = time.perf_counter() - t0
-        json_path.write_text(json.dumps(report, indent=1))  # partial results survive a later failure
+        out.write()  # partial results survive a later failure
     if s.model:
         t0 = time.perf_counter()
-        rows, report["model"] = model_panels(s, guard, device, args.smoke)
-        report["results"] += rows
+        rows, out.summaries["model"] = model_panels(s, guard, device, args.smoke)
+        out.records += rows
         phases["model"] = time.perf_counter() - t0
 
-    model_cfg = report.get("model", {}).get("config")
-    print_tables(report["results"], s.lengths)
-    report["reference_summary"] = reference_summary(report["results"], max(s.lengths))
-    report["reference_bytes_per_logit"] = guard.bytes_per_logit if guard.measured else None
-    report["flatness"] = flatness(report["results"], s, model_cfg)
-    report["verdict"] = verdict(report["flatness"])
-    report["png"] = png_path.name if plot(report["results"], s, model_cfg, png_path) else None
+    results = out.records
+    model_cfg = out.summaries.get("model", {}).get("config")
+    print_tables(results, s.lengths)
+    summary = reference_summary(results, max(s.lengths))
+    cases = flatness(results, s, model_cfg)
+    result = verdict(cases)
+    png = png_path.name if plot(results, s, model_cfg, png_path) else None
     phases["total"] = (datetime.now(timezone.utc) - started).total_seconds()
-    json_path.write_text(json.dumps(report, indent=1))
+    out.write(reference_summary=summary, flatness=cases, verdict=result, png=png,
+              reference_bytes_per_logit=guard.bytes_per_logit if guard.measured else None)
     print()
-    print("\n".join(reference_lines(report["reference_summary"])))
-    print(f"\nwrote {json_path}" + (f" and {png_path}" if report["png"] else ""))
+    print("\n".join(reference_lines(summary)))
+    print(f"\nwrote {out.json_path}" + (f" and {png_path}" if png else ""))
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
-    print(report["verdict"])
+    print(result)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,6 @@ The reference itself lives in :mod:`infoscale_triton.reference`; nothing here re
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -20,6 +19,16 @@ from infoscale_triton.backward import attention_backward
 from infoscale_triton.forward import attention_forward
 from infoscale_triton.reference import allowed_keys
 from infoscale_triton.temperature import TemperatureSpec, row_temperature
+
+# the error budget is the package's (infoscale_triton.testing), re-exported for the test modules
+from infoscale_triton.testing import (  # noqa: F401
+    BUDGET_FACTOR,
+    FLOOR,
+    assert_close,
+    mismatch_report,
+    positions,
+    rel_error,
+)
 from infoscale_triton.validation import check_inputs
 
 ON_GPU: bool = torch.cuda.is_available()
@@ -29,9 +38,6 @@ DEVICE: torch.device = torch.device("cuda" if ON_GPU else "cpu")
 # dot and cast), but the CPU checks it in a few representative tests only (test_smoke.py,
 # test_forward.py, test_interpreter.py), for CI time.
 DTYPES: list[torch.dtype] = [torch.float16, torch.float32] + ([torch.bfloat16] if ON_GPU else [])
-# The atol-like part of the budget, in relative-error units.
-FLOOR: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-3}
-BUDGET_FACTOR = 2.0
 # Gradients: an absolute floor in units of the gradient's size without any cancellation
 # (natural_gradient_norms), 4 float32 roundings: the backward's delta = rowsum(dO * O) and dP = dO . v
 # cancel only up to float32 rounding, where the reference's (delta from P and dP) cancel exactly.
@@ -177,45 +183,6 @@ def empty_rows(query: torch.Tensor, key: torch.Tensor, **opts: Any) -> torch.Ten
     return ~allowed.any(-1).expand(b, hq, lq)
 
 
-def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """||x - ref|| / ||ref|| in float64 (inf when x has a NaN or inf)."""
-    x = x.to(torch.float64)
-    if not torch.isfinite(x).all():
-        return math.inf
-    return ((x - ref).norm() / ref.norm()).item()
-
-
-def _positions(mask: torch.Tensor, limit: int) -> str:
-    idx = mask.nonzero()[:limit].tolist()
-    more = int(mask.sum()) - len(idx)
-    return ", ".join(str(tuple(i)) for i in idx) + (f" and {more} more" if more > 0 else "")
-
-
-def mismatch_report(out: torch.Tensor, ref: torch.Tensor, headline: str, budget: float,
-                    limit: int = 8) -> str:
-    """What went wrong: NaN/inf positions and the first elements off by more than ``budget`` (relative
-    to the element or, for small ones, to the RMS of the reference)."""
-    x = out.detach().to(torch.float64).cpu()
-    ref = ref.cpu()
-    lines = [f"{headline}; shape {tuple(out.shape)}, dtype {out.dtype}"]
-    for name, bad in (("NaN", torch.isnan(x)), ("inf", torch.isinf(x))):
-        if bad.any():
-            lines.append(f"{int(bad.sum())} {name} in output at {_positions(bad, limit)}")
-    rms = ref.norm().item() / math.sqrt(max(ref.numel(), 1))
-    diff = (x - ref).abs()
-    off = ~(diff <= budget * (ref.abs() + rms))  # NaN counts as off
-    if off.any():
-        lines.append(f"{int(off.sum())} elements off; first (index: got vs expected):")
-        for i in off.nonzero()[:limit].tolist():
-            lines.append(f"  {tuple(i)}: {x[tuple(i)].item():.6g} vs {ref[tuple(i)].item():.6g}")
-    finite = diff[torch.isfinite(diff)]
-    if finite.numel():
-        worst = int(torch.where(torch.isfinite(diff), diff, -1).argmax())
-        idx = tuple(torch.unravel_index(torch.tensor(worst), diff.shape))
-        lines.append(f"largest finite |diff| {finite.max().item():.3e} at {tuple(int(i) for i in idx)}")
-    return "\n".join(lines)
-
-
 def assert_matches_reference(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                              value: torch.Tensor, lse: torch.Tensor | None = None, **opts: Any) -> None:
     """Check the fused output against the float64 reference with the same options.
@@ -232,27 +199,20 @@ def assert_matches_reference(out: torch.Tensor, query: torch.Tensor, key: torch.
     if empty.any():
         got = out[empty]
         assert (got == 0).all(), (f"rows that see no key must be exactly zero, got nonzero/NaN at "
-                                  f"{_positions((out != 0).any(-1) & empty, 8)}")
+                                  f"{positions((out != 0).any(-1) & empty, 8)}")
     if ref64.norm() > 0:  # (else every row is empty: checked exactly above)
         assert_within_budget(out, ref64, reference_in(dtype, query, key, value, **opts))
     if lse is not None:
         bad = (torch.isinf(lse) & (lse > 0)) != empty
-        assert not bad.any(), f"lse must be +inf exactly on empty rows; wrong at {_positions(bad, 8)}"
-        assert not torch.isnan(lse).any(), f"NaN in lse at {_positions(torch.isnan(lse), 8)}"
+        assert not bad.any(), f"lse must be +inf exactly on empty rows; wrong at {positions(bad, 8)}"
+        assert not torch.isnan(lse).any(), f"NaN in lse at {positions(torch.isnan(lse), 8)}"
 
 
 def assert_within_budget(out: torch.Tensor, ref64: torch.Tensor, low: torch.Tensor,
                          dtype: torch.dtype | None = None, what: str = "") -> None:
-    """``out`` within ``BUDGET_FACTOR x err(low) + FLOOR[dtype]`` of ``ref64`` (``dtype``: the inputs'
-    precision, by default out's; ``what`` prefixes the message)."""
-    dtype = dtype or out.dtype
-    low_err = rel_error(low, ref64)
-    assert math.isfinite(low_err), f"{what}the {dtype} reference is not finite: inputs too large for {dtype}"
-    budget = BUDGET_FACTOR * low_err + FLOOR[dtype]
-    err = rel_error(out, ref64)
-    assert err <= budget, mismatch_report(
-        out, ref64, f"{what}rel. error {err:.3e} > budget {budget:.3e} (= {BUDGET_FACTOR:g} x {dtype} "
-        f"reference's {low_err:.3e} + {FLOOR[dtype]:g})", budget)
+    """``out`` within the error budget of ``ref64`` given the reference ``low`` computed in ``dtype``
+    (the inputs' precision, by default out's): :func:`infoscale_triton.testing.assert_close`."""
+    assert_close(out, ref64, low, dtype, what)
 
 
 def check_fused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **opts: Any) -> torch.Tensor:
@@ -444,7 +404,7 @@ def assert_grads_match_reference(grads: dict[str, torch.Tensor], query: torch.Te
         if must_be_zero.any():
             bad = must_be_zero & (g != 0)
             assert not bad.any(), (f"{what}must be exactly zero (rows that see no key / keys no row "
-                                   f"sees), nonzero at {_positions(bad, 8)}")
+                                   f"sees), nonzero at {positions(bad, 8)}")
         if r.norm() == 0 and must_be_zero.all():
             continue  # checked exactly above
         try:

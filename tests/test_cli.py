@@ -1,5 +1,6 @@
 """The command line, ``python -m infoscale_triton``: every subcommand at tiny sizes (on the CPU through
-Triton's interpreter), the shared benchmark script, and the plots from a results file."""
+Triton's interpreter), the shared benchmark script, the harness's results files, and the plots from a
+results file."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from infoscale_triton import __main__ as cli
-from infoscale_triton import plots
+from infoscale_triton.cli import bench, check, harness, plots
+from infoscale_triton.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -43,7 +44,7 @@ def test_info() -> None:
 
 
 def cli_paths() -> list[str]:
-    from infoscale_triton.info import PATHS
+    from infoscale_triton.cli.info import PATHS
 
     return list(PATHS)
 
@@ -54,6 +55,19 @@ def test_check_one_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert "logn, causal" in out and "check: 1/1 passed" in out
 
 
+def test_check_quick_cases() -> None:
+    """The main job's few cases: on a GPU the benchmark's own kernel variants (D = 128, causal, both
+    modes, so that `bench --quick` finds them compiled) and one off the fast path; bf16 alone there."""
+    quick = [c for c in check.cases(gpu=True) if c.quick]
+    (d,), (causal,) = bench.GRIDS["quick"]["d"], bench.GRIDS["quick"]["causal"]
+    shared = [(c.d, c.causal, c.cos, c.temperature, c.mask, c.padding, c.window) for c in quick[:2]]
+    assert shared == [(d, bool(causal), cos, "infoscale", None, None, None) for cos in (False, True)]
+    assert bench.PROVIDERS_QUICK == ("ours", "sdpa_cudnn")  # flex (minutes to compile) only by flag
+    assert len(quick) == 3 and quick[2].lq % 16 and quick[2].d == 80
+    assert check.default_dtypes(gpu=True, quick=True) == ["bfloat16"]
+    assert check.default_dtypes(gpu=False, quick=True) == ["float16", "float32"]
+
+
 def test_check_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["check", "--cases", "no such case"]) == 2
     assert "logn, causal" in capsys.readouterr().err  # lists the cases there are
@@ -61,10 +75,11 @@ def test_check_unknown_case(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_main_job_is_check_then_quick_bench(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(cli, "run_check", lambda *a: calls.append("check") or 0)
+    monkeypatch.setattr(check, "run_check", lambda quick: calls.append(("check", quick)) or 0)
     monkeypatch.setattr(cli, "run_bench", lambda args: calls.append(("bench", args.quick, args.plots)) or 0)
     assert cli.main([]) == 0
-    assert calls == ["check", ("bench", True, True)]
+    assert cli.main(["--full"]) == 0
+    assert calls == [("check", True), ("bench", True, True), ("check", False), ("bench", False, True)]
 
 
 def test_bench_writes_json_csv_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,7 +87,10 @@ def test_bench_writes_json_csv_and_plots(tmp_path: Path, capsys: pytest.CaptureF
             "--out", str(tmp_path)]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "ours/eager" in out  # the ratio column of the table
+    assert "grid 'smoke': D 64, N 64, causal 0 1" in out  # says which grid it runs
+    if not torch.cuda.is_available():  # interpreter times: ms only, never TFLOP/s, ratios or memory
+        assert "ms per call, Triton INTERPRETER" in out
+        assert "TFLOP/s " not in out.replace("no TFLOP/s", "") and "nan" not in out and "MiB" not in out
     (json_path,) = tmp_path.glob("bench_attention_*.json")
     (csv_path,) = tmp_path.glob("bench_attention_*.csv")
     data = json.loads(json_path.read_text())
@@ -81,6 +99,8 @@ def test_bench_writes_json_csv_and_plots(tmp_path: Path, capsys: pytest.CaptureF
     assert sorted((r["provider"], r["pass"], r["causal"]) for r in records) == sorted(
         (p, s, c) for p in ("ours", "eager") for s in ("fwd", "fwd_bwd") for c in (0, 1))
     assert all(r["check"] == "ok" and r["tflops"] > 0 and (r["D"], r["N"]) == (64, 64) for r in records)
+    # the first call (compiling, on a GPU) is timed apart from the timed calls
+    assert all(r["first_s"] > 0 and r["compile_s"] >= 0 for r in records)
     assert data["meta"]["interpreter"] == (not torch.cuda.is_available())
     with open(csv_path) as f:
         assert len(list(csv.DictReader(f))) == len(records)
@@ -160,3 +180,27 @@ def test_plot_rejects_other_results(tmp_path: Path, capsys: pytest.CaptureFixtur
     path.write_text(json.dumps({"meta": {}, "results": [{"provider": "ours", "ms": 1.0}]}))
     assert cli.main(["plot", str(path)]) == 2
     assert "not an attention benchmark results file" in capsys.readouterr().err
+
+
+def test_results_files(tmp_path: Path) -> None:
+    """The harness's one results schema: {"meta", "results", summaries...} in JSON (no NaN: null) and the
+    records with the main metadata columns in CSV; smoke runs write outside the tracked results."""
+    assert harness.results_dir(None, smoke=True) == harness.SMOKE_RESULTS
+    assert harness.TRACKED_RESULTS not in (harness.SMOKE_RESULTS, *harness.SMOKE_RESULTS.parents)
+    assert harness.results_dir(None, smoke=False) == harness.TRACKED_RESULTS
+    assert harness.results_dir(tmp_path, smoke=True) == tmp_path
+
+    out = harness.ResultsFile("bench_x", tmp_path, harness.metadata(warmup_ms=5.0))
+    out.add({"provider": "ours", "ms": 1.5, "tflops": float("nan"), "config": {"BLOCK_N": 64}})
+    out.write(checks={"err": float("inf")})
+    meta, records = harness.load_results(out.json_path)
+    assert meta["warmup_ms"] == 5.0 and meta["torch"] == torch.__version__ and "git_commit" in meta
+    assert records == [{"provider": "ours", "ms": 1.5, "tflops": None, "config": {"BLOCK_N": 64}}]
+    assert json.loads(out.json_path.read_text())["checks"] == {"err": None}
+    with open(out.csv_path) as f:
+        (row,) = csv.DictReader(f)
+    assert row["provider"] == "ours" and json.loads(row["config"]) == {"BLOCK_N": 64}
+    assert row["gpu"] == meta["gpu"] and row["timestamp"] == meta["timestamp"]
+    (tmp_path / "other.json").write_text(json.dumps({"environment": {}, "rows": []}))
+    with pytest.raises(ValueError, match="not a results file"):
+        harness.load_results(tmp_path / "other.json")

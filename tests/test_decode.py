@@ -37,6 +37,7 @@ from helpers import (
 import infoscale_triton
 from infoscale_triton import attention, decode
 from infoscale_triton.decode import check_decode_inputs, choose_splits, decode_forward
+from infoscale_triton.testing import error_budget
 
 gpu = pytest.mark.gpu
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -230,7 +231,7 @@ def test_matches_dense(opts: dict, lq: int, group: int, is_causal: bool, dtype: 
     dense = infoscale_triton.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=True, **opts)
     ref_opts = reference_opts(q, k, None, is_causal=is_causal, **opts)
     ref64 = reference_in(torch.float64, q, k, v, **ref_opts)
-    budget = 2.0 * rel_error(reference_in(dtype, q, k, v, **ref_opts), ref64) + FLOOR[dtype]
+    budget = error_budget(rel_error(reference_in(dtype, q, k, v, **ref_opts), ref64), dtype)
     err = rel_error(ours, dense.to(torch.float64))
     assert err <= 2 * budget, f"decode vs dense: rel. difference {err:.3e} > {2 * budget:.3e}"
 
@@ -342,7 +343,7 @@ def test_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     bench = _benchmark_module(monkeypatch)
     assert bench.main(["--smoke", "--out", str(tmp_path), "--rep", "1", "--warmup", "0"]) == 0
     (result,) = tmp_path.glob("bench_decode_*.json")
-    rows = json.loads(result.read_text())["rows"]
+    rows = json.loads(result.read_text())["results"]
     ours = [r for r in rows if r["provider"] == "ours"]
     assert ours and all(math.isfinite(r["ms"]) for r in ours)
     assert all(r["reason"] for r in rows if r["provider"].startswith("sdpa"))
@@ -357,7 +358,7 @@ def test_benchmark_short_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert bench.main(["--smoke", "--short", "--lk", "16", "--out", str(tmp_path), "--rep", "0",
                        "--warmup", "0"]) == 0
     (result,) = tmp_path.glob("bench_decode_short_*.json")
-    rows = json.loads(result.read_text())["rows"]
+    rows = json.loads(result.read_text())["results"]
     assert len(rows) == len(bench.SHORT_QUERY_ROWS) * len(bench.SHORT_TEMPERATURES)
     assert all(r["ok"] and math.isfinite(r["dense_us"]) and math.isfinite(r["decode_us"]) for r in rows)
     assert list(tmp_path.glob("bench_decode_short_*.csv"))

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from infoscale_triton import reference
+from infoscale_triton.cli import textmodel
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "entropy.py"
@@ -28,7 +29,7 @@ TOLERANCE = 1e-4
 
 
 def load_script() -> ModuleType:
-    """benchmarks/entropy.py in this process (it loads benchmarks/extrapolation.py as ``xp``)."""
+    """benchmarks/entropy.py in this process (a script: loaded from its file)."""
     name = "entropy_script"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, SCRIPT)
@@ -87,18 +88,17 @@ def test_smoke_writes_every_entry(tmp_path: Path) -> None:
 
 
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
-    """extrapolation.save_checkpoint (what --save-checkpoint writes) read by entropy.py --checkpoint: the
-    models are rebuilt with the saved config (layers, cos_scale) and their weights."""
-    xp = load_script().xp
-    cfg = xp.smoke_config(xp.Config(cos_scale=24.0))
+    """textmodel.save_checkpoint (what extrapolation.py --save-checkpoint writes) read by entropy.py
+    --checkpoint: the models are rebuilt with the saved config (layers, cos_scale) and their weights."""
+    cfg = textmodel.smoke_config(textmodel.Config(cos_scale=24.0))
     states = {}
-    for name in xp.MODELS:
+    for name in textmodel.MODELS:
         torch.manual_seed(len(name))
-        states[name] = xp.Transformer(cfg).state_dict()
+        states[name] = textmodel.Transformer(cfg).state_dict()
     ckpt = tmp_path / "models.pt"
-    xp.save_checkpoint(ckpt, cfg, states, {"dot": {"steps": 0}})
-    loaded_cfg, models, _ = xp.load_checkpoint(ckpt, torch.device("cpu"))
-    assert loaded_cfg == cfg and set(models) == set(xp.MODELS)
+    textmodel.save_checkpoint(ckpt, cfg, states, {"dot": {"steps": 0}})
+    loaded_cfg, models, _ = textmodel.load_checkpoint(ckpt, torch.device("cpu"))
+    assert loaded_cfg == cfg and set(models) == set(textmodel.MODELS)
     assert torch.equal(models["cos"].embed.weight, states["cos"]["embed.weight"])
 
     report = run_script("--no-random", "--checkpoint", str(ckpt), "--out", str(tmp_path))

@@ -9,11 +9,30 @@ import sys
 from collections.abc import Sequence
 from types import TracebackType
 
-from .peers import _numberlike, format_table
-
 # Without a terminal (CI logs, a captured remote run) rich would wrap tables at 80 columns.
 CAPTURED_WIDTH = 200
 RICH_MISSING = "rich is not installed: plain tables and progress lines (pip install rich, or the `cli` extra)"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain left/right-aligned text table (no dependency): numbers right, text left."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(_numberlike(r[i]) for r in cells[1:]) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def _numberlike(s: str) -> bool:
+    try:
+        float(s.rstrip("!x%"))
+        return True
+    except ValueError:
+        return s in ("-", "")
 
 
 def _console():  # -> rich.console.Console | None

@@ -9,7 +9,6 @@ module only once the backend (compiled or interpreter) is chosen: it imports tri
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -19,11 +18,11 @@ import torch
 import triton
 
 import infoscale_triton as it
+from infoscale_triton import forward, reference, testing
+from infoscale_triton.dropout import draw_seed, dropout_mask
 
-from . import forward, peers, reference
+from . import harness, peers
 from .console import RICH_MISSING, rich_available, table
-from .dropout import draw_seed, dropout_mask
-from .validation import interpreter_active
 
 # One small problem for every probe: B, H, L, D (D >= 16, the kernels' minimum).
 B, H, L, D = 2, 2, 64, 32
@@ -117,10 +116,10 @@ def probe_path(probe: Probe, device: str, dtype: torch.dtype) -> tuple[bool, str
         truth, low = ref(torch.float64), ref(dtype)
     except Exception as e:  # noqa: BLE001 - a path that cannot run is reported, not raised
         return False, f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:100]}"
-    errs = [peers.rel_err(o, t) for o, t in zip(ours, truth)]
-    ok = all(peers.passes(e, peers.tolerance(peers.rel_err(lo, t), dtype)) for e, lo, t in zip(errs, low, truth))
-    worst = max(errs, key=lambda e: math.inf if math.isnan(e) else e)
-    return ok, f"rel. err {worst:.1e} vs float64 reference [{time.perf_counter() - t0:.1f} s]"
+    results = [testing.compare(o, t, lo, dtype) for o, t, lo in zip(ours, truth, low)]
+    worst = max(r.error for r in results)
+    took = time.perf_counter() - t0
+    return all(r.ok for r in results), f"rel. err {worst:.1e} vs float64 reference [{took:.1f} s]"
 
 
 def probe_peers(device: str) -> list[list[str]]:
@@ -146,7 +145,7 @@ def probe_peers(device: str) -> list[list[str]]:
 def run_info() -> int:
     """Print the report; exit code 1 if one of our paths fails its probe."""
     cuda = torch.cuda.is_available()
-    gpu = cuda and not interpreter_active()
+    gpu = harness.on_gpu()
     device = "cuda" if gpu else "cpu"
     dtype = torch.float16 if gpu else torch.float32  # the interpreter's bf16 dot is wrong
     if cuda:
