@@ -29,7 +29,14 @@ from helpers import (
 
 from infoscale_triton.distributed import context_parallel_attention, shard_sequence
 
-WORLDS = [2, 3, pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)]
+def _slow(world: int) -> Any:
+    return pytest.param(world, marks=pytest.mark.slow)
+
+
+# The core cases run on 2 and 3 processes, the others on 2 (each process pays the interpreter); all of
+# them on 4 and 8 (and the others on 3) when `-m slow` selects them.
+WORLDS = [2, 3, _slow(4), _slow(8)]
+WORLDS_MORE = [2, _slow(3), _slow(4), _slow(8)]
 CHUNK = 9  # rows per layout chunk: shards of 9 or 18 rows against the interpreter's 32 x 16 tiles
 
 
@@ -44,7 +51,7 @@ def pools() -> Any:
 @pytest.fixture
 def pool(request: pytest.FixtureRequest, pools: dict[int, Pool]) -> Pool:
     world = request.param
-    if world > 3 and "slow" not in (request.config.getoption("markexpr") or ""):
+    if request.node.get_closest_marker("slow") and "slow" not in (request.config.getoption("markexpr") or ""):
         pytest.skip(f"{world} processes: selected with -m slow")
     if world not in pools or pools[world].broken:
         pools[world] = Pool(world)
@@ -52,6 +59,7 @@ def pool(request: pytest.FixtureRequest, pools: dict[int, Pool]) -> Pool:
 
 
 worlds = pytest.mark.parametrize("pool", WORLDS, indirect=True, ids=lambda w: f"W{w}")
+worlds_more = pytest.mark.parametrize("pool", WORLDS_MORE, indirect=True, ids=lambda w: f"W{w}")
 
 
 def chunks_of(rank: int, world: int, layout: str) -> tuple[int, ...]:
@@ -142,14 +150,14 @@ def test_ring_causal_infoscale(pool: Pool, layout: str) -> None:
     check(pool, method="ring", layout=layout, is_causal=True, temperature="infoscale")
 
 
-@worlds
+@worlds_more
 def test_ring_full_logn_float16_cross(pool: Pool) -> None:
     """Not causal, query and key of different lengths, float16 (partial outputs rounded before the merge)."""
     check(pool, method="ring", layout="zigzag", is_causal=False, dtype=torch.float16, k_chunk=5,
           temperature="logn")
 
 
-@worlds
+@worlds_more
 def test_ring_causal_padding(pool: Pool) -> None:
     """kv_lengths: blocks that see part of a shard, none of it, and a batch entry that sees no key."""
     check(pool, method="ring", layout="contiguous", is_causal=True, batch=2, temperature="infoscale_clipped",
@@ -162,7 +170,7 @@ def test_ring_cos_scale_gqa_padding(pool: Pool) -> None:
           temperature="infoscale", kv_lengths="short")
 
 
-@worlds
+@worlds_more
 @pytest.mark.parametrize("dims", [("B", "H", "L"), ("L",)], ids=["bhl", "l"])
 def test_ring_tensor_temperature(pool: Pool, dims: tuple[str, ...]) -> None:
     """A per-row tensor (sharded like the query) and its gradient, summed over the ring's steps."""
@@ -170,7 +178,7 @@ def test_ring_tensor_temperature(pool: Pool, dims: tuple[str, ...]) -> None:
           tensor_temperature=dims, dv=16)
 
 
-@worlds
+@worlds_more
 def test_ring_float16_plain(pool: Pool) -> None:
     check(pool, method="ring", layout="zigzag", is_causal=True, dtype=torch.float16, batch=2, scale=0.3)
 
@@ -182,14 +190,14 @@ def test_all_to_all_causal_infoscale_gqa(pool: Pool) -> None:
           kv_lengths="short")
 
 
-@worlds
+@worlds_more
 def test_all_to_all_tensor_temperature_cos(pool: Pool) -> None:
     w = pool.world
     check(pool, method="all_to_all", layout="contiguous", is_causal=False, hq=w, hkv=w, cos_scale=32.0,
           tensor_temperature=("B", "H", "L"), kv_lengths="empty", batch=2)
 
 
-@worlds
+@worlds_more
 def test_repeatable(pool: Pool) -> None:
     """The same inputs twice: the same bits (fixed ring order, no atomics)."""
     job = make_job(pool.world, "ring", "zigzag", is_causal=True, temperature="logn", hq=4, hkv=2)
@@ -238,7 +246,7 @@ def test_bad_input_raises_on_every_rank(pool: Pool, kind: str) -> None:
         assert word in message, f"{word!r} not in the message: {message}"
 
 
-@worlds
+@worlds_more
 def test_shard_sequence_indivisible(pool: Pool) -> None:
     w = pool.world
     job = {"layout": "zigzag", "shard": torch.zeros(1, 2, 2 * w + 1, 4)}
