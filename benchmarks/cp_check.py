@@ -45,20 +45,20 @@ SMOKE = "--smoke" in sys.argv or not torch.cuda.is_available()
 if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch.distributed as dist
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from helpers import (  # noqa: E402
+from helpers import (
     assert_grads_match_reference,
     assert_matches_reference,
     rel_error,
 )
 
-import infoscale_triton  # noqa: E402
-from infoscale_triton.distributed import context_parallel_attention, shard_sequence, unshard_sequence  # noqa: E402
+import infoscale_triton
+from infoscale_triton.distributed import context_parallel_attention, shard_sequence, unshard_sequence
 
 TRAIN_LEN = 512  # InfoScale's N, as in the anchors' runs (peers.N_TRAIN)
 

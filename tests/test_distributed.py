@@ -29,6 +29,7 @@ from helpers import (
 
 from infoscale_triton.distributed import context_parallel_attention, shard_sequence
 
+
 def _slow(world: int) -> Any:
     return pytest.param(world, marks=pytest.mark.slow)
 
