@@ -105,7 +105,8 @@ def measure(env: Env, call: Callable[[], object], distributed: bool) -> dict:
     return result
 
 
-def fwd_bwd(forward: Callable[..., torch.Tensor], inputs: list[torch.Tensor], dout: torch.Tensor) -> Callable[[], None]:
+def fwd_bwd(forward: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
+            dout: torch.Tensor) -> Callable[[], None]:
     leaves = [x.detach().requires_grad_(True) for x in inputs]
 
     def call() -> None:
@@ -223,7 +224,8 @@ def bench(env: Env, rec: Recorder, args: argparse.Namespace) -> None:
         del full
 
 
-def check_peer(env: Env, rec: Recorder, name: str, peer: Callable, shards: list[torch.Tensor], opts: dict) -> None:
+def check_peer(env: Env, rec: Recorder, name: str, peer: Callable, shards: list[torch.Tensor],
+               opts: dict) -> None:
     """The peer and the ring must compute the same thing on the same shards (validates the peer's set-up:
     layout and pre-scaled q)."""
     with torch.no_grad():
@@ -265,7 +267,8 @@ def summary(rec: Recorder, world: int) -> None:
     targets = {
         f"speedup {world} GPUs / 1 GPU, fwd_bwd 256k (>= 1.85)": ratio((262144, "ring", "fwd_bwd"),
                                                                        (262144, "one_gpu", "fwd_bwd")),
-        f"ring / {peer} fwd 512k (>= 1.0)": ratio((524288, "ring", "fwd"), (524288, peer, "fwd")) if peer else None,
+        f"ring / {peer} fwd 512k (>= 1.0)": ratio((524288, "ring", "fwd"), (524288, peer, "fwd"))
+        if peer else None,
         f"ring / {peer} fwd_bwd 512k (>= 1.0)": ratio((524288, "ring", "fwd_bwd"), (524288, peer, "fwd_bwd"))
         if peer else None,
         "peak memory per GPU ring / 1 GPU, fwd_bwd 256k (<= 0.55)": (
@@ -294,7 +297,8 @@ def main() -> int:
     env = setup(args)
     meta = {"world": env.world, "device": str(env.device), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu (smoke)",
-            "heads": args.heads, "head_dim": HEAD_DIM, "train_len": TRAIN_LEN, "dtype": str(env.dtype), "smoke": SMOKE}
+            "heads": args.heads, "head_dim": HEAD_DIM, "train_len": TRAIN_LEN, "dtype": str(env.dtype),
+            "smoke": SMOKE}
     ok = True
     if args.checks:
         ok = run_checks(env, Recorder(env, "cp_check", meta), args.all_options)

@@ -160,8 +160,8 @@ def full_inputs(env: Env, b: int, hq: int, hkv: int, n: int, d: int, seed: int) 
             randn(b, hq, n, d, std=1.0))
 
 
-def ring_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, method: str, layout: str,
-               opts: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ring_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, method: str,
+               layout: str, opts: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Shard the full tensors, run context_parallel_attention forward and backward, and put the output
     and gradients (query, key, value, and a tensor temperature's if it requires grad) together again."""
     shards = [shard_sequence(x, 2, layout=layout).requires_grad_(True) for x in (q, k, v)]
@@ -216,8 +216,8 @@ def check_long(env: Env, n: int, heads: int) -> Callable[[], str]:
         allowed = torch.arange(n, device=env.device)[None, :] <= rows[:, None]
         row_opts = {"attn_mask": allowed, "temperature": "infoscale", "train_len": TRAIN_LEN}
         assert_matches_reference(out[:, :, rows], q[:, :, rows], k, v, **row_opts)
-        assert_grads_match_reference({"query": grads["query"][:, :, rows]}, q[:, :, rows], k, v, dout[:, :, rows],
-                                     **row_opts)
+        assert_grads_match_reference({"query": grads["query"][:, :, rows]}, q[:, :, rows], k, v,
+                                     dout[:, :, rows], **row_opts)
         bound = 2.0**-7
         errors = {"out": rel_error(out, single.detach().double())}
         for name, g_single in zip(("key", "value"), single_grads[1:]):
@@ -240,7 +240,7 @@ def check_repeatable(env: Env, n: int) -> Callable[[], str]:
             results.append([out.detach(), *torch.autograd.grad(out, leaves, shards[3])])
         same = torch.tensor([int(all(torch.equal(a, b) for a, b in zip(*results)))], device=env.device)
         dist.all_reduce(same, op=dist.ReduceOp.MIN)
-        assert same.item() == 1, "two runs on the same inputs gave different bits (out, dq, dk or dv on some rank)"
+        assert same.item() == 1, "two runs on the same inputs gave different bits (out, dq, dk or dv)"
         return ""
     return run
 
@@ -256,9 +256,11 @@ class Block(torch.nn.Module):
         self.norm1, self.norm2 = torch.nn.RMSNorm(dim), torch.nn.RMSNorm(dim)
         self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
         self.proj = torch.nn.Linear(dim, dim, bias=False)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim))
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(),
+                                       torch.nn.Linear(4 * dim, dim))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attend: Callable) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attend: Callable) -> torch.Tensor:
         b, n, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, dim // self.heads).unbind(2)
         q, k = (rotate(t, *rope).transpose(1, 2) for t in (q, k))
@@ -356,8 +358,8 @@ def check_training(env: Env, n: int, steps: int) -> Callable[[], str]:
             opt.step()
             opt.zero_grad()
         loss_error = abs(losses[0] - ref_loss.item()) / ref_loss.item()
-        detail = (f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps; step 0 against one device: loss "
-                  f"{ref_loss.item():.4f} (rel. {loss_error:.1e}), gradients rel. {grad_error:.1e}")
+        detail = (f"loss {losses[0]:.4f} -> {losses[-1]:.4f} in {steps} steps; step 0 against one device: "
+                  f"loss {ref_loss.item():.4f} (rel. {loss_error:.1e}), gradients rel. {grad_error:.1e}")
         # bf16 attention inside a float32 model: ~1e-2 of the gradients' size
         assert loss_error < 1e-2 and grad_error < 5e-2, detail
         head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -372,15 +374,15 @@ def run_checks(env: Env, rec: Recorder, all_options: bool) -> bool:
     short = 256 if env.smoke else 8192
     longs = [2 * short] if env.smoke else [65536, 131072, 262144]
     ok = True
-    cases = [("ring", "zigzag", {"is_causal": True, "temperature": "infoscale", "train_len": TRAIN_LEN}),
-             ("ring", "contiguous", {"is_causal": True, "temperature": "logn", "train_len": TRAIN_LEN}),
+    infoscale = {"is_causal": True, "temperature": "infoscale", "train_len": TRAIN_LEN}
+    logn = {"temperature": "logn", "train_len": TRAIN_LEN}
+    cases = [("ring", "zigzag", infoscale),
+             ("ring", "contiguous", dict(logn, is_causal=True)),
              ("ring", "zigzag", {"is_causal": True, "tensor_temperature": True}),
-             ("all_to_all", "zigzag", {"is_causal": True, "temperature": "infoscale", "train_len": TRAIN_LEN})]
+             ("all_to_all", "zigzag", infoscale)]
     if all_options:
-        cases += [("ring", "zigzag", {"is_causal": True, "temperature": "infoscale", "train_len": TRAIN_LEN,
-                                      "cos_scale": 32.0, "kv_lengths": True}),
-                  ("all_to_all", "contiguous", {"is_causal": False, "temperature": "logn", "train_len": TRAIN_LEN,
-                                                "cos_scale": 32.0, "kv_lengths": True})]
+        cases += [("ring", "zigzag", dict(infoscale, cos_scale=32.0, kv_lengths=True)),
+                  ("all_to_all", "contiguous", dict(logn, is_causal=False, cos_scale=32.0, kv_lengths=True))]
     for method, layout, opts in cases:
         label = ", ".join(f"{k}={v}" for k, v in opts.items() if k != "train_len")
         ok &= run_check(env, rec, f"short {method} {layout} N={short} {label}",
@@ -395,14 +397,16 @@ def run_checks(env: Env, rec: Recorder, all_options: bool) -> bool:
             rec.log(f"skip  long N={n}: out of time")
             rec.record("checks", {"name": f"long N={n}", "status": "skipped (time)"})
             continue
-        ok &= run_check(env, rec, f"long ring zigzag causal infoscale N={n}", check_long(env, n, 2 if env.smoke else 4))
+        ok &= run_check(env, rec, f"long ring zigzag causal infoscale N={n}",
+                        check_long(env, n, 2 if env.smoke else 4))
     return ok
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=None, help="folder for log.txt and the JSON (rank 0 writes)")
     ap.add_argument("--smoke", action="store_true", help="CPU: gloo and the Triton interpreter, tiny sizes")
-    ap.add_argument("--deadline", type=float, default=500.0, help="seconds from the start; later work is skipped")
+    ap.add_argument("--deadline", type=float, default=470.0,
+                    help="seconds from the start (after start-up); later work is skipped")
     ap.add_argument("--collective-timeout", type=float, default=240.0,
                     help="seconds before a stuck collective aborts the run")
 
@@ -413,8 +417,9 @@ def main() -> int:
     ap.add_argument("--all-options", action="store_true", help="also CosScale and kv_lengths (more compiles)")
     args = ap.parse_args()
     env = setup(args)
-    rec = Recorder(env, "cp_check", {"world": env.world, "device": str(env.device), "torch": torch.__version__,
-                                     "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu"})
+    gpu = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu"
+    meta = {"world": env.world, "device": str(env.device), "torch": torch.__version__, "gpu": gpu}
+    rec = Recorder(env, "cp_check", meta)
     ok = run_checks(env, rec, args.all_options)
     rec.log("all checks passed" if ok else "SOME CHECKS FAILED")
     dist.destroy_process_group()

@@ -115,7 +115,8 @@ class Pool:
                 rank, result, error = self._results.get(timeout=self.timeout)
                 got[rank] = (result, error)
         except queue.Empty:
-            self.broken = f"ranks {sorted(set(range(self.world)) - set(got))} gave no answer in {self.timeout:.0f} s"
+            missing = sorted(set(range(self.world)) - set(got))
+            self.broken = f"ranks {missing} gave no answer in {self.timeout:.0f} s"
             self.close()
             raise AssertionError(f"{self.broken} (a rank stuck in a collective?)") from None
         return [got[r] for r in range(self.world)]

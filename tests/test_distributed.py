@@ -28,6 +28,8 @@ from helpers import (
 )
 
 from infoscale_triton.distributed import context_parallel_attention, shard_sequence
+from infoscale_triton.distributed.layout import global_positions, keys_before, segments
+from infoscale_triton.distributed.ring import block
 
 
 def _slow(world: int) -> Any:
@@ -139,7 +141,7 @@ def check(pool: Pool, **case: Any) -> None:
     if job["method"] == "all_to_all":
         assert torch.equal(out, single_out), "all_to_all output differs from the single-process kernel's"
         for name in ("query", "key", "value"):
-            assert torch.equal(grads[name], single_grads[name]), f"all_to_all d{name} differs from single-process"
+            assert torch.equal(grads[name], single_grads[name]), f"all_to_all d{name} differs"
     else:
         low = reference_in(q.dtype, q, k, v, **fwd_opts)
         assert_within_budget(out, single_out.to(torch.float64), low, what="ring vs single-process: ")
@@ -187,8 +189,8 @@ def test_ring_float16_plain(pool: Pool) -> None:
 @worlds
 def test_all_to_all_causal_infoscale_gqa(pool: Pool) -> None:
     w = pool.world
-    check(pool, method="all_to_all", layout="zigzag", is_causal=True, hq=2 * w, hkv=w, temperature="infoscale",
-          kv_lengths="short")
+    check(pool, method="all_to_all", layout="zigzag", is_causal=True, hq=2 * w, hkv=w,
+          temperature="infoscale", kv_lengths="short")
 
 
 @worlds_more
@@ -262,3 +264,52 @@ def test_uninitialised_group() -> None:
         context_parallel_attention(q, q, q)
     with pytest.raises(ValueError, match="group: torch.distributed is not initialised"):
         shard_sequence(q, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan, without processes: which (row, key) pairs the ring's blocks cover, and the key padding.
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
+def test_ring_blocks_cover_each_pair_once(world: int, layout: str, is_causal: bool) -> None:
+    """Over all ranks and steps, the blocks (with their own bottom-right causal mask) cover every
+    (query, key) pair the global mask allows exactly once, and no other."""
+    local = 2 * 3
+    n = local * world
+    seen = torch.zeros(n, n, dtype=torch.int64)
+    for rank in range(world):
+        rows = global_positions(rank, world, layout, local, torch.device("cpu"))
+        for step in range(world):
+            source = (rank - step) % world
+            blk = block(rank, source, world, layout, is_causal, local, local)
+            if blk is None:
+                continue
+            keys = global_positions(source, world, layout, local, torch.device("cpu"))
+            r, k = rows[blk.rows], keys[blk.keys]
+            mask = torch.ones(len(r), len(k), dtype=torch.bool)
+            if blk.causal:
+                mask = torch.ones_like(mask).tril(len(k) - len(r))
+            seen[r[:, None].expand_as(mask)[mask], k[None, :].expand_as(mask)[mask]] += 1
+    expected = torch.ones(n, n, dtype=torch.int64)
+    if is_causal:
+        expected = expected.tril()
+    assert torch.equal(seen, expected)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_key_padding_per_block(layout: str) -> None:
+    """keys_before: the keys of a shard's slice below each global length, against counting them."""
+    world, local = 3, 8
+    n = world * local
+    lengths = torch.arange(n + 1)
+    for source in range(world):
+        keys = global_positions(source, world, layout, local, torch.device("cpu"))
+        parts = segments(source, world, layout, local)
+        for lo, hi in ((0, local), (0, local // 2), (local // 2, local)):
+            got = keys_before(lengths, parts, lo, hi)
+            want = (keys[lo:hi][None, :] < lengths[:, None]).sum(1)
+            assert torch.equal(got.long(), want), (source, lo, hi)
+            # and they are the first ones of the slice (the kernels take a prefix length)
+            assert torch.all(keys[lo:hi].diff() > 0)

@@ -27,12 +27,13 @@ def _check_dim(x: object, dim: object, name: str) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for {name} of shape {tuple(x.shape)}, "
-                         f"got {dim!r}")
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}) for {name} of shape "
+                         f"{tuple(x.shape)}, got {dim!r}")
     return int(dim) % x.dim()
 
 
-def shard_sequence(x: torch.Tensor, dim: int, group: object = None, *, layout: str = "zigzag") -> torch.Tensor:
+def shard_sequence(x: torch.Tensor, dim: int, group: object = None, *,
+                   layout: str = "zigzag") -> torch.Tensor:
     """This rank's part of the full tensor ``x`` (the same on every rank) along ``dim``, as a new tensor:
     ``"zigzag"``: of 2·W equal chunks, chunks r and 2W-1-r; ``"contiguous"``: of W, chunk r. The
     length along ``dim`` must divide into them. Differentiable; no communication. ``group``: a
@@ -59,9 +60,11 @@ def unshard_sequence(x_local: torch.Tensor, dim: int, group: object = None, *,
         _check_dim(x_local, dim, "x_local")
         check_device("x_local", x_local, group)
 
-    agree(group, local_checks, [Fact("x_local", "the shard's shape", shape_of(x_local)),
-                                Fact("dim", "the value", (dim,) if isinstance(dim, int) else ()),
-                                Fact("layout", "the value", (LAYOUTS.index(layout),) if layout in LAYOUTS else ())])
+    agree(group, local_checks, [
+        Fact("x_local", "the shard's shape", shape_of(x_local)),
+        Fact("dim", "the value", (dim,) if isinstance(dim, int) else ()),
+        Fact("layout", "the value", (LAYOUTS.index(layout),) if layout in LAYOUTS else ()),
+    ])
     dim = int(dim) % x_local.dim()
     world = dist.get_world_size(group)
     shard = x_local.detach().contiguous()
@@ -134,14 +137,16 @@ def context_parallel_attention(
         parts = chunk_count(world, layout) // world
         for name, n in (("query", p.lq), ("key", p.lk)):
             if n % parts:
-                raise ValueError(f"{name}: layout='zigzag' cuts the sequence into 2·W = {2 * world} chunks, but "
-                                 f"its length {n * world} ({n} per rank) is not divisible by {2 * world}")
+                raise ValueError(f"{name}: layout='zigzag' cuts the sequence into 2·W = {2 * world} chunks, "
+                                 f"but its length {n * world} ({n} per rank) is not divisible by {2 * world}")
         if method == "ring" and is_causal and p.lq != p.lk:
-            raise ValueError(f"is_causal with method='ring' needs query and key of one sequence length, got "
-                             f"{p.lq * world} and {p.lk * world} (method='all_to_all' aligns them bottom-right)")
+            raise ValueError(f"is_causal with method='ring' needs query and key of one sequence length, "
+                             f"got {p.lq * world} and {p.lk * world} (method='all_to_all' aligns them "
+                             "bottom-right)")
         if method == "all_to_all" and (p.heads_q % world or p.heads_kv % world):
-            raise ValueError(f"query: method='all_to_all' splits the heads across {world} ranks, but query has "
-                             f"{p.heads_q} heads and key/value {p.heads_kv}: both must be divisible by {world}")
+            raise ValueError(f"query: method='all_to_all' splits the heads across {world} ranks, but query "
+                             f"has {p.heads_q} heads and key/value {p.heads_kv}: both must be divisible by "
+                             f"{world}")
         return p
 
     string_temperature = temperature if isinstance(temperature, str) else None
@@ -162,11 +167,11 @@ def context_parallel_attention(
     ])
     if world == 1:
         return scaled_dot_product_attention(query, key, value, is_causal=is_causal, scale=scale,
-                                            enable_gqa=enable_gqa, temperature=temperature, train_len=train_len,
-                                            cos_scale=cos_scale, kv_lengths=kv_lengths)
+                                            enable_gqa=enable_gqa, temperature=temperature,
+                                            train_len=train_len, cos_scale=cos_scale, kv_lengths=kv_lengths)
     if method == "all_to_all":
-        return _all_to_all(query, key, value, group, layout, is_causal, scale, enable_gqa, temperature, train_len,
-                           cos_scale, kv_lengths, p)
+        return _all_to_all(query, key, value, group, layout, is_causal, scale, enable_gqa, temperature,
+                           train_len, cos_scale, kv_lengths, p)
 
     row_temperature_t = temperature if isinstance(temperature, torch.Tensor) else None
     if string_temperature is not None:
@@ -207,10 +212,10 @@ def _global_temperature(p: Problem, rank: int, world: int, layout: str, kv_lengt
     return t.unsqueeze(1)
 
 
-def _all_to_all(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: dist.ProcessGroup, layout: str,
-                is_causal: bool, scale: float | None, enable_gqa: bool, temperature: str | torch.Tensor | None,
-                train_len: int | None, cos_scale: float | None, kv_lengths: torch.Tensor | None,
-                p: Problem) -> torch.Tensor:
+def _all_to_all(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: dist.ProcessGroup,
+                layout: str, is_causal: bool, scale: float | None, enable_gqa: bool,
+                temperature: str | torch.Tensor | None, train_len: int | None, cos_scale: float | None,
+                kv_lengths: torch.Tensor | None, p: Problem) -> torch.Tensor:
     q, k, v = (SequenceToHeads.apply(t, group, layout) for t in (query, key, value))
     if isinstance(temperature, torch.Tensor):
         rows = temperature.expand(p.batch, p.heads_q, p.lq).unsqueeze(-1)

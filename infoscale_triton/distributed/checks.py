@@ -105,7 +105,7 @@ def agree(group: dist.ProcessGroup, local_checks: Callable[[], object],
     payload = torch.zeros(3 + MESSAGE_BYTES + FIELD_SLOTS * len(facts), dtype=torch.int64)
     if error is not None:
         message = str(error).encode()[:MESSAGE_BYTES]
-        payload[0] = 1 + _ERRORS.index(type(error)) if type(error) in _ERRORS else 1
+        payload[0] = 2 if isinstance(error, TypeError) else 1
         payload[1] = len(message)
         payload[3:3 + len(message)] = torch.tensor(list(message), dtype=torch.int64)
     for i, (_, _, values, _) in enumerate(facts):

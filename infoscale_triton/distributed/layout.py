@@ -40,7 +40,8 @@ def segments(rank: int, world: int, layout: str, local_len: int) -> list[Segment
     return [Segment(i * size, c * size, size) for i, c in enumerate(chunks)]
 
 
-def global_positions(rank: int, world: int, layout: str, local_len: int, device: torch.device) -> torch.Tensor:
+def global_positions(rank: int, world: int, layout: str, local_len: int,
+                     device: torch.device) -> torch.Tensor:
     """(local_len,) int64: the global position of each local row."""
     return torch.cat([torch.arange(s.start, s.start + s.size, device=device)
                       for s in segments(rank, world, layout, local_len)])

@@ -17,7 +17,8 @@ def key_operand(key: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tens
     return kernel_key(key, p)
 
 
-def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one block: ``k`` is key_operand's K. lse: log2-sum-exp (1, B, Hq, Lq) float32,
     +inf on rows that see no key (their out is 0)."""
     return attention_forward(q, k, v, p, unit_key=k if p.cos_scale is not None else None)

@@ -159,9 +159,10 @@ class _Sum:
 
 
 def _merge(acc: torch.Tensor, acc_lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> None:
-    """acc (B, H, L, Dv) float32 and its log2-sum-exp acc_lse (B, H, L) become the softmax over both key sets, in place:
-    acc = acc 2^(a - m) + part 2^(b - m) with m = log2(2^a + 2^b). Rows that saw no key carry lse +inf
-    (the kernels' convention) and weigh nothing; rows seeing no key in either stay 0 with +inf."""
+    """acc (B, H, L, Dv) float32 and its log2-sum-exp acc_lse (B, H, L) become the softmax over both key
+    sets, in place: acc = acc 2^(a - m) + part 2^(b - m) with m = log2(2^a + 2^b). Rows that saw no
+    key carry lse +inf (the kernels' convention) and weigh nothing; rows seeing no key in either stay 0
+    with +inf."""
     inf = float("inf")
     a = torch.where(acc_lse == inf, -inf, acc_lse)
     b = torch.where(part_lse == inf, -inf, part_lse)
@@ -175,7 +176,8 @@ def _merge(acc: torch.Tensor, acc_lse: torch.Tensor, part: torch.Tensor, part_ls
     acc_lse.copy_(torch.where(seen, top + torch.log2(scale), inf))
 
 
-def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's output rows and their log2-sum-exp over all keys of the sequence (1, B, Hq, Lq);
     ``k`` is local.key_operand's."""
     held = [k.contiguous(), v.contiguous()]
@@ -185,7 +187,8 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         pending = ring.exchange(held, _like(held), _TAG_KV) if step < ring.world - 1 else None
         if blk is not None:
             hk, hv = (t[:, :, blk.keys] for t in held)
-            part, part_lse = local.block_forward(q[:, :, blk.rows], hk, hv, ring.block_problem(blk, ring.source(step)))
+            problem = ring.block_problem(blk, ring.source(step))
+            part, part_lse = local.block_forward(q[:, :, blk.rows], hk, hv, problem)
             if out is None:
                 out, lse = part, part_lse  # step 0: the diagonal block, every row
             else:
@@ -199,7 +202,7 @@ def ring_forward(ring: Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 
 def ring_backward(ring: Ring, q: torch.Tensor, k: torch.Tensor, key_inv: torch.Tensor | None, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                  temperature_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                  temperature_grad: bool) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dt): the gradients for this rank's shards; dt per local row (B, Hq, Lq) float32 when
     ``temperature_grad``. ``k``/``key_inv``: local.key_operand's; ``out``/``lse``: ring_forward's."""
     held = [k.contiguous(), v.contiguous()] + ([key_inv.contiguous()] if key_inv is not None else [])
@@ -249,8 +252,8 @@ class RingAttention(torch.autograd.Function):
     (``ring.temperature`` is then that tensor)."""
 
     @staticmethod
-    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, temperature: torch.Tensor | None,
-                ring: Ring) -> torch.Tensor:
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                temperature: torch.Tensor | None, ring: Ring) -> torch.Tensor:
         k, key_inv = local.key_operand(key, ring.p)
         out, lse = ring_forward(ring, query, k, value)
         ctx.ring = ring
