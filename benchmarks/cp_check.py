@@ -80,10 +80,12 @@ class Env:
 
 def setup(args: argparse.Namespace) -> Env:
     cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.collective_timeout))
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        torch.cuda.set_device(device)
+    # device_id: NCCL binds the rank to its GPU now (and barrier() knows which one it is)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.collective_timeout),
+                            device_id=device if cuda else None)
     # the interpreter's bf16 dot is wrong (FIELD-NOTES): float16 there
     dtype = torch.bfloat16 if cuda else torch.float16
     out = Path(args.out) if args.out else None
