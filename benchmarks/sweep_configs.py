@@ -15,7 +15,7 @@ import torch
 import triton
 
 import infoscale_triton as it
-from infoscale_triton import forward as fw
+from infoscale_triton import tuning
 
 MODES = {
     "none": {},
@@ -48,8 +48,7 @@ def main() -> None:
             for bm, bn, w, s, ws in itertools.product(a.bm, a.bn, a.warps, a.stages, a.ws):
                 if bm * bn < 128 * 128 and w == 8:
                     continue
-                fw.CONFIG_OVERRIDE = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": bool(ws),
-                                      "num_warps": w, "num_stages": s}
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": bool(ws), "num_warps": w, "num_stages": s}
 
                 def run() -> None:
                     for q, k, v in sets:
@@ -57,7 +56,8 @@ def main() -> None:
 
                 name = f"{bm}x{bn}w{w}s{s}" + ("ws" if ws else "")
                 try:
-                    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") / len(sets)
+                    with tuning.override(forward_config=cfg):
+                        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median") / len(sets)
                     res[name] = round(flops / ms / 1e9, 1)
                 except Exception as e:  # out of resources, compile failure: record and go on
                     res[name] = f"{type(e).__name__}"
@@ -67,7 +67,6 @@ def main() -> None:
             rows.append({"D": d, "N": n, "causal": causal, "mode": mode, **res})
         del sets
         torch.cuda.empty_cache()
-    fw.CONFIG_OVERRIDE = None
     with open(os.path.join(a.out, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
 

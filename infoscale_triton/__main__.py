@@ -148,7 +148,7 @@ def run_check(dtype_names: Sequence[str] | None = None, patterns: Sequence[str] 
     each dtype; exit code 1 on any failure, 2 if no case matches."""
     import torch
 
-    from infoscale_triton import forward
+    from infoscale_triton import tuning
 
     gpu = torch.cuda.is_available() and not _interpreting()
     device = "cuda" if gpu else "cpu"
@@ -161,11 +161,8 @@ def run_check(dtype_names: Sequence[str] | None = None, patterns: Sequence[str] 
     dtypes = [getattr(torch, n) for n in names]
     # One fixed launch config per head dim: autotuning every shape here would take minutes (the
     # benchmark checks the autotuned configs). Restored for the bench that may follow.
-    autotune, forward.AUTOTUNE = forward.AUTOTUNE, False
-    try:
+    with tuning.override(autotune=False):
         return _check_cases(selected, gpu, device, dtypes)
-    finally:
-        forward.AUTOTUNE = autotune
 
 
 def _with_grads(fn, q, k, v, kw: dict, dout):

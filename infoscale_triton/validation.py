@@ -13,16 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .temperature import TEMPERATURE_CHOICES, TemperatureSpec
+from .temperature import TemperatureSpec, check_temperature_options
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z extents (heads, batch)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Problem:
-    """The shapes and options of one attention call, after validation."""
+    """The shapes and options of one attention call, after validation. Treat it as immutable (not frozen:
+    a frozen dataclass costs microseconds per call to build; ``dataclasses.replace`` makes a changed copy)."""
 
     batch: int
     heads_q: int
@@ -84,7 +85,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    return type(x) is float or type(x) is int or (isinstance(x, numbers.Real) and not isinstance(x, bool))
 
 
 def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
@@ -204,17 +205,7 @@ def check_inputs(
     else:
         c = 1.0 / math.sqrt(head_dim)
 
-    spec = None
-    if isinstance(temperature, str):
-        if temperature not in TEMPERATURE_CHOICES:
-            raise ValueError(f"temperature must be one of {', '.join(map(repr, TEMPERATURE_CHOICES))}, "
-                             f"a tensor or None; got {temperature!r}")
-        if train_len is None:
-            raise ValueError(f"temperature={temperature!r} needs train_len, the training length N")
-        if not isinstance(train_len, numbers.Integral) or isinstance(train_len, bool) or train_len < 2:
-            raise ValueError(f"train_len must be an int >= 2, got {train_len!r}")
-        spec = TemperatureSpec.parse(temperature)
-    elif isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor):
         target = (batch, heads_q, lq)
         if not temperature.is_floating_point():
             raise TypeError(f"temperature tensor must be floating-point, got {temperature.dtype}")
@@ -223,14 +214,7 @@ def check_inputs(
         if not _broadcastable(tuple(temperature.shape), target):
             raise ValueError(f"temperature of shape {_shape(temperature)} does not broadcast to "
                              f"(batch, heads, Lq) = {target}")
-        if train_len is not None:
-            raise ValueError("train_len is only used by the string temperatures; got a tensor "
-                             f"temperature and train_len={train_len!r}")
-    elif temperature is not None:
-        raise TypeError(f"temperature must be None, a string or a tensor, got {type(temperature).__name__}")
-    elif train_len is not None:
-        raise ValueError(f"train_len={train_len!r} given without a string temperature; pass e.g. "
-                         "temperature='infoscale'")
+    spec = check_temperature_options(temperature, train_len)
 
     tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
     window = check_window(window)
