@@ -4,8 +4,9 @@
   :class:`Launch` records (a grid and the scalar arguments) launch through Triton's ``JITFunction``
   the first time, which binds and specialises the ~50 arguments (tens of microseconds of Python), and
   from then on through the ``CompiledKernel`` that call returned, the lightest launcher Triton has:
-  only the pointers and the stream are new per call. Under the interpreter, or while Triton's launch
-  hooks are set (profilers), every call takes the ``JITFunction`` path.
+  only the pointers and the stream are new per call. Under the interpreter, while Triton's launch
+  hooks are set (profilers), or after its debug or instrumentation settings changed, calls take the
+  ``JITFunction`` path.
 * :class:`PlanCache`: the launchers' per-call plans (configs, grids, scalar arguments, ``Launch``
   records), keyed on everything that changes a launch; :func:`tensor_key` is what a tensor
   contributes (shape, strides, dtype, device, and its data pointer modulo 16: Triton specialises
@@ -30,6 +31,7 @@ import contextlib
 import torch
 import triton
 from triton import knobs
+from triton.knobs import HookChain
 from triton.compiler import CompiledKernel
 from triton.runtime import _allocation
 from triton.runtime.driver import driver
@@ -153,8 +155,7 @@ class Launch:
     def __call__(self, *pointers: torch.Tensor | None) -> None:
         """Launch on the current stream of the plan's device (the caller makes it current)."""
         compiled = self.compiled
-        if (compiled is not None and knobs.runtime.launch_enter_hook is None
-                and knobs.runtime.launch_exit_hook is None and self.knobs == _compile_knobs()):
+        if compiled is not None and _hooks_idle() and self.knobs == _compile_knobs():
             grid = self.grid
             compiled.run(grid[0], grid[1], grid[2], _get_stream(self.device), compiled.function,
                          compiled.packed_metadata, None, None, None, *pointers, *self.args_tail)
@@ -163,6 +164,17 @@ class Launch:
         if isinstance(result, CompiledKernel) and self.args_tail is not None and self.device is not None:
             current_stream(self.device)  # (binds the stream query)
             self.compiled, self.knobs = result, _compile_knobs()
+
+
+def _idle(hook: object) -> bool:
+    return hook is None or (type(hook) is HookChain and not hook.calls)
+
+
+def _hooks_idle() -> bool:
+    """No launch hooks (Triton 3.6 keeps an empty HookChain; profilers add to it or replace it): the
+    launcher then calls none, and needs no launch metadata."""
+    runtime = knobs.runtime
+    return _idle(runtime.launch_enter_hook) and _idle(runtime.launch_exit_hook)
 
 
 def _compile_knobs() -> tuple:

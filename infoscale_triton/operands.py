@@ -15,7 +15,7 @@ import torch
 
 from .kernels import primitives as codes
 from .kernels.norms import unit_rows_kernel
-from .launch import cdiv, next_power_of_2, tensor_key
+from .launch import Launch, PlanCache, cdiv, next_power_of_2, tensor_key, variant
 from .masks import allowed_keys
 from .temperature import TemperatureSpec, kernel_constants
 from .validation import Problem
@@ -35,16 +35,23 @@ def temperature_mode(spec: TemperatureSpec | None, tensor: torch.Tensor | None) 
     return TEMP_INFOSCALE if spec.kind == "infoscale" else TEMP_LOGN
 
 
+_UNIT_ROWS = PlanCache(64)
+
+
+def _unit_rows_launch(x: torch.Tensor) -> Launch:
+    b, h, n, d = x.shape
+    block_l = 64
+    constexprs = {"HEAD_D": d, "BLOCK_L": block_l, "BLOCK_D": next_power_of_2(d)}
+    return Launch(variant(unit_rows_kernel, constexprs, {}), (cdiv(n, block_l), h, b), (*x.stride(), h, n), x.device)
+
+
 def unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x / ||x|| along the last dim as a contiguous tensor of x's dtype, and 1/||x|| as float32
     (both 0 for zero rows)."""
     b, h, n, d = x.shape
     unit = torch.empty(b, h, n, d, dtype=x.dtype, device=x.device)
     inv = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
-    block_l = 64
-    unit_rows_kernel[(cdiv(n, block_l), h, b)](
-        x, inv, unit, *x.stride(), h, n, HEAD_D=d, BLOCK_L=block_l, BLOCK_D=next_power_of_2(d),
-    )
+    _UNIT_ROWS.get((x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15), _unit_rows_launch, x)(x, inv, unit)
     return unit, inv
 
 

@@ -161,16 +161,19 @@ def settings(config: PreTrainedConfig | None) -> dict[str, Any]:
     None without a config or attributes), validated: what the attention function passes on."""
     found = (getattr(config, TEMPERATURE_ATTR, None), getattr(config, TRAIN_LEN_ATTR, None),
              getattr(config, COS_SCALE_ATTR, None))
-    typed = tuple((type(x), x) for x in found)  # (2.0 == 2, but train_len=2.0 is refused)
-    try:
-        checked = typed in _CHECKED
-    except TypeError:  # an unhashable value: checked below, and refused
-        checked = False
-    if not checked:
-        _check_settings(*found, tuple(f"config.{a}" for a in (TEMPERATURE_ATTR, TRAIN_LEN_ATTR, COS_SCALE_ATTR)),
-                        config)
-        if len(_CHECKED) < 64:
-            _CHECKED.add(typed)
+    names = tuple(f"config.{a}" for a in (TEMPERATURE_ATTR, TRAIN_LEN_ATTR, COS_SCALE_ATTR))
+    if torch.compiler.is_compiling():  # (traced once per graph: no need for the memo)
+        _check_settings(*found, names, config)
+    else:
+        typed = tuple((type(x), x) for x in found)  # (2.0 == 2, but train_len=2.0 is refused)
+        try:
+            checked = typed in _CHECKED
+        except TypeError:  # an unhashable value: checked below, and refused
+            checked = False
+        if not checked:
+            _check_settings(*found, names, config)
+            if len(_CHECKED) < 64:
+                _CHECKED.add(typed)
     return dict(zip(("temperature", "train_len", "cos_scale"), found))
 
 
