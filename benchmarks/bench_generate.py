@@ -52,11 +52,11 @@ SMOKE = "--smoke" in sys.argv
 if SMOKE or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import torch.nn.functional as F  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import infoscale_triton  # noqa: E402
-from infoscale_triton.integrations import transformers as it_hf  # noqa: E402
+import infoscale_triton
+from infoscale_triton.integrations import transformers as it_hf
 
 IMPLS = ("sdpa", "ours", "ours_infoscale")
 MODES = ("eager", "static_compiled")

@@ -44,11 +44,11 @@ CPU_STUB = "--cpu-stub" in sys.argv
 if CPU_STUB or not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F
 
-import infoscale_triton  # noqa: E402
-from infoscale_triton import decode, launch, splitkv  # noqa: E402
-from infoscale_triton.temperature import TemperatureSpec, row_temperature  # noqa: E402
+import infoscale_triton
+from infoscale_triton import decode, launch, splitkv
+from infoscale_triton.temperature import TemperatureSpec, row_temperature
 
 N_TRAIN = 4096
 Fn = Callable[[], object]
@@ -237,6 +237,14 @@ def stub_launches() -> None:
         _init(self, variant, grid, scalars, torch.device("cuda", 0))  # (a device index: the fast path's stream)
 
     launch.Launch.__init__ = on_cpu_as_cuda  # type: ignore[method-assign]
+    kept: dict = {}
+
+    def workspace(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+        if sizes not in kept:  # (reused per stream, as on the GPU; the CPU's rule makes new ones)
+            kept[sizes] = launch._carve(sizes, device)
+        return kept[sizes]
+
+    launch.workspace = splitkv.workspace = workspace
 
 
 # --- main ------------------------------------------------------------------------------------------

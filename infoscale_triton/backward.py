@@ -14,7 +14,18 @@ from .kernels.attention_bwd import (
     attention_bwd_prep_kernel,
     bwd_config,
 )
-from .launch import INTERPRET, LOG2E, Launch, PlanCache, cdiv, dummy, ensure_allocator, tma_operand, tma_ready, variant
+from .launch import (
+    INTERPRET,
+    LOG2E,
+    Launch,
+    PlanCache,
+    cdiv,
+    dummy,
+    ensure_allocator,
+    tma_operand,
+    tma_ready,
+    variant,
+)
 from .operands import (
     Operands,
     dropout_scalars,

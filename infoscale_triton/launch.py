@@ -31,8 +31,8 @@ import contextlib
 import torch
 import triton
 from triton import knobs
-from triton.knobs import HookChain
 from triton.compiler import CompiledKernel
+from triton.knobs import HookChain
 from triton.runtime import _allocation
 from triton.runtime.driver import driver
 
@@ -103,7 +103,7 @@ class Variant:
     """A kernel with its constexpr arguments and compile options fixed; launches go through
     :meth:`launch` (Triton's ``JITFunction``) or a :class:`Launch` record."""
 
-    __slots__ = ("kernel", "kwargs", "tail", "runtime_args")
+    __slots__ = ("kernel", "kwargs", "runtime_args", "tail")
 
     def __init__(self, kernel: triton.runtime.JITFunction, constexprs: dict, options: dict) -> None:
         self.kernel = kernel
@@ -141,7 +141,7 @@ class Launch:
     pointers, which come first in our kernels' signatures). Valid for the plan's key only (see the
     module's docstring)."""
 
-    __slots__ = ("variant", "grid", "scalars", "args_tail", "compiled", "device", "knobs")
+    __slots__ = ("args_tail", "compiled", "device", "grid", "knobs", "scalars", "variant")
 
     def __init__(self, variant: Variant, grid: tuple[int, int, int], scalars: tuple, device: torch.device) -> None:
         self.variant = variant

@@ -210,15 +210,14 @@ def launch_options(p: Problem, dtype: torch.dtype, operands: Operands) -> Launch
 
     # float32 dots: exact IEEE unless the user allowed TF32 for matmuls
     dot_prec = "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    meta = dict(
-        HEAD_D=p.head_dim, HEAD_DV=p.head_dim_v,
-        BLOCK_D=max(next_power_of_2(p.head_dim), 16),
-        BLOCK_DV=max(next_power_of_2(p.head_dim_v), 16),
-        IS_CAUSAL=p.is_causal, TEMP_MODE=temperature_mode(p.temperature, temperature),
-        CLIP=p.temperature is not None and p.temperature.clipped, HAS_COUNT=operands.has_count,
-        COS=p.cos_scale is not None, MASK_MODE=mask_mode, DOT_PREC=dot_prec, DROPOUT=p.dropout_p > 0,
-        VARLEN=p.varlen, HAS_KV_RANGE=operands.has_kv_range, WINDOW=p.window is not None,
-    )
+    meta = {
+        "HEAD_D": p.head_dim, "HEAD_DV": p.head_dim_v,
+        "BLOCK_D": max(next_power_of_2(p.head_dim), 16), "BLOCK_DV": max(next_power_of_2(p.head_dim_v), 16),
+        "IS_CAUSAL": p.is_causal, "TEMP_MODE": temperature_mode(p.temperature, temperature),
+        "CLIP": p.temperature is not None and p.temperature.clipped, "HAS_COUNT": operands.has_count,
+        "COS": p.cos_scale is not None, "MASK_MODE": mask_mode, "DOT_PREC": dot_prec, "DROPOUT": p.dropout_p > 0,
+        "VARLEN": p.varlen, "HAS_KV_RANGE": operands.has_kv_range, "WINDOW": p.window is not None,
+    }
     return LaunchOptions((*temp_strides, *operands.count_strides, *mask_strides), temp_a, temp_b, window, meta)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .masks import allowed_keys
 from .temperature import row_temperature
-from .validation import Problem, _broadcastable, check_inputs
+from .validation import Problem, broadcastable, check_inputs
 
 __all__ = ["scaled_dot_product_attention", "varlen_attention", "attention_entropy", "allowed_keys"]
 
@@ -27,7 +27,7 @@ def _check_dropout_mask(mask: object, shape: tuple[int, ...], device: torch.devi
                         f"{getattr(mask, 'dtype', type(mask).__name__)}")
     if mask.device != device:
         raise ValueError(f"dropout_mask is on {mask.device} but query is on {device}")
-    if not _broadcastable(tuple(mask.shape), shape):
+    if not broadcastable(tuple(mask.shape), shape):
         raise ValueError(f"dropout_mask of shape {tuple(mask.shape)} does not broadcast to "
                          f"(batch, heads, Lq, Lk) = {shape}")
 

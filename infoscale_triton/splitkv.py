@@ -10,8 +10,18 @@ import torch
 
 from . import tuning
 from .kernels.attention_decode import decode_combine_kernel, decode_config, decode_split_kernel
-from .launch import INTERPRET, LOG2E, Launch, PlanCache, cdiv, dummy, ensure_allocator, tma_ready, variant, \
-    workspace
+from .launch import (
+    INTERPRET,
+    LOG2E,
+    Launch,
+    PlanCache,
+    cdiv,
+    dummy,
+    ensure_allocator,
+    tma_ready,
+    variant,
+    workspace,
+)
 from .operands import launch_options, operand_tensors
 from .validation import Problem
 

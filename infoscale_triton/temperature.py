@@ -13,7 +13,6 @@ from the constants that :func:`kernel_constants` returns.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,8 +31,10 @@ class TemperatureSpec:
     clipped: bool
 
     @classmethod
-    @functools.cache
-    def parse(cls, name: str) -> "TemperatureSpec":
+    def parse(cls, name: str) -> TemperatureSpec:
+        known = _PARSED.get(name)  # (the choices are parsed once; a dict, which torch.compile traces)
+        if known is not None:
+            return known
         clipped = name.endswith("_clipped")
         kind = name[: -len("_clipped")] if clipped else name
         return cls(kind, clipped)
@@ -42,6 +43,10 @@ class TemperatureSpec:
     def name(self) -> str:
         """The string it was parsed from."""
         return self.kind + ("_clipped" if self.clipped else "")
+
+
+_PARSED: dict[str, TemperatureSpec] = {}
+_PARSED.update({name: TemperatureSpec.parse(name) for name in TEMPERATURE_CHOICES})
 
 
 def check_temperature_options(

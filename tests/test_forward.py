@@ -26,7 +26,6 @@ from helpers import (
     run_fused,
 )
 
-
 gpu = pytest.mark.gpu
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 causal = pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import torch
 from helpers import DEVICE, make_qkv
+from infoscale_triton.kernels.attention_decode import decode_combine_kernel
 from triton import knobs
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import CompiledKernel
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from infoscale_triton import backward, forward, launch, ops, splitkv, tuning
-from infoscale_triton.kernels.attention_decode import decode_combine_kernel
 from infoscale_triton.validation import Problem, check_inputs
 
 
@@ -227,7 +227,7 @@ def test_fast_launch_passes_what_jit_run_would(monkeypatch: pytest.MonkeyPatch) 
     bound = inspect.signature(decode_combine_kernel.fn).bind(*pointers, 12, 4, 2, 3, 2, 4, **constexprs)
     assert len(fake.calls) == 1
     assert fake.calls[0] == (6, 1, 1, 1001, "function", "metadata", None, None, None, *bound.arguments.values())
-    hook = lambda metadata: None  # noqa: E731
+    hook = lambda metadata: None
     knobs.runtime.launch_exit_hook.add(hook)  # (Triton 3.6 keeps hook chains, empty by default)
     try:
         record(*pointers)
@@ -294,9 +294,8 @@ def test_tuning_override() -> None:
     with pytest.raises(RuntimeError), tuning.override(decode_min_keys=3):
         raise RuntimeError
     assert tuning.current() is before
-    with pytest.raises(TypeError, match="unknown tuning setting.*decode_min_key"):
-        with tuning.override(decode_min_key=3):
-            pass
+    with pytest.raises(TypeError, match="unknown tuning setting.*decode_min_key"), tuning.override(decode_min_key=3):
+        pass
     with pytest.raises(dataclasses.FrozenInstanceError):
         tuning.current().autotune = True  # type: ignore[misc]
 
@@ -313,3 +312,27 @@ def test_options_cover_the_problem() -> None:
     back = ops.problem(q, k, v, ops.option_args(p))
     for name in fields:
         assert getattr(back, name) is getattr(p, name) or getattr(back, name) == getattr(p, name), name
+
+
+@pytest.mark.gpu
+def test_fast_launches_compute_what_jit_launches_compute() -> None:
+    """On the GPU: a plan's first call (JITFunction.run) keeps the compiled kernels, later calls launch
+    them directly and give the same bits; a misaligned cache gets its own plan and the same result to
+    rounding."""
+    q, k, v = make_qkv(2, 8, 2, 1, 3000, 128, 128, torch.bfloat16)
+    p = _decode_problem(q, k, v, temperature="infoscale", train_len=512)
+    first = splitkv.decode_forward(q, k, v, p)
+    plan = splitkv._PLANS.plans[next(reversed(splitkv._PLANS.plans))]
+    assert plan.split.compiled is not None and (plan.combine is None or plan.combine.compiled is not None)
+    for _ in range(3):
+        assert torch.equal(splitkv.decode_forward(q, k, v, p), first)
+    built = splitkv._PLANS.built
+    moved = splitkv.decode_forward(q, _misaligned(k), _misaligned(v), p)
+    assert splitkv._PLANS.built == built + 1
+    torch.testing.assert_close(moved, first, rtol=2e-2, atol=2e-2)
+    qd, kd, vd = make_qkv(1, 16, 16, 256, 256, 128, 128, torch.bfloat16)
+    pd = check_inputs(qd, kd, vd, None, 0.0, True, None, False, None, None, None, kernel=True)
+    out, lse = forward.attention_forward(qd, kd, vd, pd)
+    for _ in range(3):
+        again, lse_again = forward.attention_forward(qd, kd, vd, pd)
+        assert torch.equal(again, out) and torch.equal(lse_again, lse)
