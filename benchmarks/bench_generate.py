@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -229,13 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         vs_off = r["decode_tok_s"] / off["decode_tok_s"] if off and r["impl"] == "ours_infoscale" else float("nan")
         ratios[f"{r['mode']}/{r['impl']}"] = {"vs_sdpa": vs_sdpa, "vs_ours_off": vs_off}
         err = r.get("first_logits_rel_err")
+        same = f"{r['tokens_as_sdpa']}/{r['tokens']}" if "tokens" in r else ""
         print(f"| {r['mode']} | {r['impl']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {vs_sdpa:.3f} | "
-              f"{vs_off:.3f} | {r.get('tokens_as_sdpa', '')}/{r.get('tokens', '')} | "
-              f"{'' if err is None else f'{err:.1e}'} |")
+              f"{'' if math.isnan(vs_off) else f'{vs_off:.3f}'} | {same} | {'' if err is None else f'{err:.1e}'} |")
     print("\nsmall call (dense causal forward, eager, us per call):")
     ours_us = next(s["us_per_call"] for s in small if s["provider"] == "ours")
     for s in small:
-        print(f"  {s['provider']:11s} {s['us_per_call']:7.1f} us   ours / it = {ours_us / s['us_per_call']:.2f}")
+        print(f"  {s['provider']:11s} {s['us_per_call']:7.1f} us   ours / {s['provider']} = "
+              f"{ours_us / s['us_per_call']:.2f}")
     print(f"\ntotal {elapsed:.0f} s")
 
     out_dir = Path(args.out)
