@@ -216,9 +216,6 @@ class PlanCache:
             self.built += 1
         return plan
 
-    def clear(self) -> None:
-        self.plans.clear()
-
 
 # --- workspaces ------------------------------------------------------------------------------------
 
