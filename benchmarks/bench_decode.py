@@ -31,10 +31,10 @@ compiles (flex compiles per length, ~10-30 s each): under ~3 minutes with the de
 --providers control it (--lk fewer lengths). --sweep adds our split kernel under other configs
 (BLOCK_N, stages, TMA or pointer loads) and --splits other split counts, for tuning.
 
---short: which kernel should serve short caches (attention.DECODE_MIN_KEYS, the routing of
+--short: which kernel should serve short caches (tuning's decode_min_keys, the routing of
 scaled_dot_product_attention). For Lk in 16 to 4096 (--lk to change), B in 1 and 8, Lq in 1 and 4,
 causal, InfoScale (N_TRAIN) and no temperature, Hkv=8, Hq=32, D=128: the dense forward launcher
-(forward.attention_forward) against the decode launcher (decode.decode_forward) on the same validated
+(forward.attention_forward) against the decode launcher (splitkv.decode_forward) on the same validated
 Problem, both without the public functions' validation. "eager": back-to-back calls, wall time per
 call between two synchronisations, i.e. max(host launch cost, GPU time), what an eager decoding loop
 pays; "graph": do_bench of CUDA-graph replays, the GPU time (L2 flushed). Ratio = dense / decode (> 1:
@@ -64,7 +64,8 @@ import torch
 import triton
 
 import infoscale_triton
-from infoscale_triton import decode, forward, reference, testing
+from infoscale_triton import forward, reference, splitkv, testing, tuning
+from infoscale_triton.kernels.attention_decode import decode_config
 from infoscale_triton.cli import harness, peers
 from infoscale_triton.cli.console import table
 from infoscale_triton.validation import Problem, check_inputs
@@ -121,7 +122,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--graph", action="store_true", help="time the --sweep / --splits rows as CUDA-graph replays")
     ap.add_argument("--short", action="store_true",
                     help="dense forward vs decode kernel on short caches (the routing threshold "
-                         "attention.DECODE_MIN_KEYS); --lk picks the lengths (default 16 to 4096)")
+                         "tuning.decode_min_keys); --lk picks the lengths (default 16 to 4096)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None,
                     help="results directory (default benchmarks/results/; --smoke: a temporary directory)")
@@ -266,22 +267,19 @@ def measure(name: str, sets: list, lk: int, copy: float, args: argparse.Namespac
 
 
 def tuning_rows(sets: list, lk: int, copy: float, args: argparse.Namespace) -> list[Row]:
-    """ours_notemp under --sweep configs and --splits counts (decode.CONFIG_OVERRIDE / num_splits)."""
+    """ours_notemp under --sweep configs and --splits counts (tuning's decode_config / num_splits)."""
     rows = []
     q = sets[0][0]
     rows_per_head = q.shape[1] // sets[0][1].shape[1] * q.shape[2]
-    base = decode.decode_config(max(triton.next_power_of_2(q.shape[-1]), 16), max(triton.next_power_of_2(q.shape[-1]), 16),
-                                rows_per_head, q.element_size(), interpret=not torch.cuda.is_available())
+    width = max(triton.next_power_of_2(q.shape[-1]), 16)
+    base = decode_config(width, width, rows_per_head, q.element_size(), interpret=not torch.cuda.is_available())
     wrap = _graphed if args.graph else (lambda b: b)  # --graph: time the GPU alone
     tag = "_graph" if args.graph else ""
     for bn, stages, tma in SWEEP if args.sweep else []:
         cfg = dict(base, BLOCK_N=bn, num_stages=stages, TMA=tma)
-        decode.CONFIG_OVERRIDE = cfg
-        try:
+        with tuning.override(decode_config=cfg):
             rows.append(measure(f"ours_notemp{tag}[BN={bn},s={stages},{'tma' if tma else 'ptr'}]", sets, lk,
                                 copy, args, False, wrap(BUILDERS["ours_notemp"]), cfg))
-        finally:
-            decode.CONFIG_OVERRIDE = None
     for splits in args.splits:
         rows.append(measure(f"ours_notemp{tag}[splits={splits}]", sets, lk, copy, args, False,
                             wrap(_ours(None, splits)), {"num_splits": splits}))
@@ -324,7 +322,7 @@ def short_launchers(temperature: str | None) -> dict[str, Builder]:
 
     def decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Fn:
         p = short_problem(q, k, v, temperature)
-        return lambda: decode.decode_forward(q, k, v, p)
+        return lambda: splitkv.decode_forward(q, k, v, p)
 
     return {"dense": dense, "decode": decoding}
 
@@ -332,7 +330,7 @@ def short_launchers(temperature: str | None) -> dict[str, Builder]:
 def decode_splits(q: torch.Tensor, p: Problem) -> int:
     """The split count decode_forward picks for this problem."""
     width, width_v = (max(triton.next_power_of_2(d), 16) for d in (p.head_dim, p.head_dim_v))
-    return decode.split_plan(p, width, width_v, q.element_size(), q.device)[2]
+    return splitkv.split_plan(p, width, width_v, q.element_size(), q.device)[2]
 
 
 def back_to_back_ms(fns: Sequence[Fn], warmup_ms: float, rep_ms: float) -> float:
@@ -420,7 +418,7 @@ def _err(x: float) -> str:
 
 def main_short(args: argparse.Namespace) -> int:
     """--short: every (B, Lq, temperature) group over the lengths; a table per group, then the suggested
-    attention.DECODE_MIN_KEYS for eager calls and for graph replays."""
+    tuning's decode_min_keys for eager calls and for graph replays."""
     grid = "smoke" if args.smoke else "full"
     shape = SMOKE if args.smoke else FULL
     shape_meta = {**asdict(shape), "b": list(SHORT_BATCHES[grid]), "lq": list(SHORT_QUERY_ROWS),

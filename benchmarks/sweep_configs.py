@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import infoscale_triton as it
-from infoscale_triton import forward as fw
+from infoscale_triton import tuning
 from infoscale_triton.cli import harness
 
 MODES = {
@@ -59,8 +59,7 @@ def main() -> int:
             for bm, bn, w, s, ws in itertools.product(a.bm, a.bn, a.warps, a.stages, a.ws):
                 if bm * bn < 128 * 128 and w == 8:
                     continue
-                fw.CONFIG_OVERRIDE = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": bool(ws),
-                                      "num_warps": w, "num_stages": s}
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": bool(ws), "num_warps": w, "num_stages": s}
                 opts = {"is_causal": bool(causal), **MODES[mode]}
                 calls = [functools.partial(it.scaled_dot_product_attention, q, k, v, **opts)
                          for q, k, v in sets]
@@ -68,12 +67,13 @@ def main() -> int:
                 rec = {"D": d, "N": n, "B": b, "H": h, "causal": causal, "mode": mode, "config": name,
                        "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "WARP_SPEC": bool(ws),
                        "ms": None, "tflops": None, "reason": ""}
-                first, rec["reason"] = harness.attempt(functools.partial(harness.first_call, calls[0]))
-                if first is not None:  # out of resources, compile failure: recorded, the sweep goes on
-                    timed = functools.partial(harness.time_ms, calls, a.warmup, a.rep)
-                    ms, rec["reason"] = harness.attempt(timed)
-                    if ms is not None:
-                        rec.update(ms=ms, first_s=first[1], tflops=flops / ms / 1e9)
+                with tuning.override(forward_config=cfg):
+                    first, rec["reason"] = harness.attempt(functools.partial(harness.first_call, calls[0]))
+                    if first is not None:  # out of resources, compile failure: recorded, the sweep goes on
+                        timed = functools.partial(harness.time_ms, calls, a.warmup, a.rep)
+                        ms, rec["reason"] = harness.attempt(timed)
+                        if ms is not None:
+                            rec.update(ms=ms, first_s=first[1], tflops=flops / ms / 1e9)
                 res[name] = round(rec["tflops"], 1) if rec["tflops"] else rec["reason"].split(":")[0]
                 out.add(rec)
             measured = [(v, k) for k, v in res.items() if isinstance(v, float)]
@@ -82,7 +82,6 @@ def main() -> int:
                   flush=True)
         sets = None
         harness.free_memory()
-    fw.CONFIG_OVERRIDE = None
     print(f"wrote {out.json_path}, {out.csv_path}")
     return 0
 

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import ops
+from . import ops, tuning
 from .decode import MAX_QUERY_ROWS
 from .dropout import draw_seed
 from .empty import nothing_to_compute, zero_output, zero_stats
@@ -18,14 +18,6 @@ class AttentionEntropy(NamedTuple):
 
     entropy: torch.Tensor  # H_i = -sum_j p_ij ln p_ij (nats), float32
     max_prob: torch.Tensor  # max_j p_ij, float32
-
-
-# From this many keys on, inference calls with at most MAX_QUERY_ROWS query rows use the decode kernel.
-# 1: every such call (a short generate() too). The dense forward spends a 64- or 128-row tile on each
-# query head's one row and reads each K/V head once per query head; the decode kernel packs the GQA
-# rows into one tile and, with one split (short caches), is a single launch too. Measured on the H100
-# (`benchmarks/bench_decode.py --short`, benchmarks/NOTES.md): 1.3x-5.7x less GPU time from 16 to 4096 keys.
-DECODE_MIN_KEYS = 1
 
 
 def scaled_dot_product_attention(
@@ -119,8 +111,8 @@ def scaled_dot_product_attention(
 
     Gradients flow to query, key, value and a tensor ``temperature`` through the fused backward
     kernels (deterministic: no atomics, the same bits on every run). Inference calls that decode (at
-    most 16 query rows against at least ``infoscale_triton.attention.DECODE_MIN_KEYS`` keys, now 1:
-    any cache; no attn_mask, window or dropout) run the split-KV kernel of
+    most 16 query rows against at least ``infoscale_triton.tuning``'s ``decode_min_keys`` keys, by
+    default 1: any cache; no attn_mask, window or dropout) run the split-KV kernel of
     :func:`infoscale_triton.decode_attention`, which splits long caches across the GPU. Any
     ``attn_mask`` keeps a call on the dense kernel, a (B, 1, 1, Lk) padding mask too (Hugging Face's
     left-padded batches): the decode kernel takes right padding only, as ``kv_lengths``.
@@ -148,10 +140,11 @@ def scaled_dot_product_attention(
 
 
 def decodes(p: Problem, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether an inference call is KV-cache decoding that the split-KV kernel (decode.py) serves
+    """Whether an inference call is KV-cache decoding that the split-KV kernel (splitkv.py) serves
     better than the dense forward, whose grid would be only batch x heads programs long."""
     # with kv_lengths, causal rows of the decode kernel align to each cache's own length, here to Lk:
     # the two agree for one query row (or without causality) only
     same_rows = p.kv_lengths is None or p.lq == 1 or not p.is_causal
-    return (p.lq <= MAX_QUERY_ROWS and p.lk >= DECODE_MIN_KEYS and p.attn_mask is None and p.window is None
-            and p.dropout_p == 0 and same_rows and key.stride(-1) == 1 and value.stride(-1) == 1)
+    return (p.lq <= MAX_QUERY_ROWS and p.lk >= tuning.current().decode_min_keys and p.attn_mask is None
+            and p.window is None and p.dropout_p == 0 and same_rows and key.stride(-1) == 1
+            and value.stride(-1) == 1)

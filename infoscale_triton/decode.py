@@ -1,32 +1,16 @@
-"""KV-cache decoding (flash-decoding), forward only: validation, the split heuristic, the launches."""
+"""KV-cache decoding (flash-decoding), forward only: the public function and its validation (the
+launches are splitkv.py's)."""
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import numbers
 
 import torch
-import triton
 
 from . import ops
 from .empty import nothing_to_compute
-from .forward import LOG2E, _ensure_allocator, _tma_ready, launch_options
-from .kernels.attention_decode import decode_combine_kernel, decode_config, decode_split_kernel
-from .validation import Problem, check_inputs, interpreter_active
-
-MAX_QUERY_ROWS = 16  # Lq per sequence: the packed tile rows are GROUP * Lq
-MAX_SPLITS = 256
-# Split heuristic: aim at WAVES programs per SM, each with at least MIN_TILES_PER_SPLIT key tiles
-# (fewer would spend more on the prologue and the combine than they save).
-WAVES = 2
-MIN_TILES_PER_SPLIT = 4
-H100_SMS = 132  # stand-in for the interpreter, which has no device to ask
-COMBINE_BLOCK_S = 32
-
-# A fixed split-kernel config (BLOCK_M, BLOCK_N, num_warps, num_stages, and optionally TMA: bool, else
-# TMA wherever the caches allow it) that bypasses the default: set by tests and by benchmarks/bench_decode.py --configs.
-CONFIG_OVERRIDE: dict | None = None
+from .splitkv import MAX_QUERY_ROWS, MAX_SPLITS
+from .validation import Problem, check_inputs
 
 
 def decode_attention(
@@ -122,80 +106,3 @@ def check_decode_inputs(
                                    or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     return p
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return H100_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def choose_splits(batch: int, heads_kv: int, row_blocks: int, lk: int, block_n: int,
-                  device: torch.device) -> int:
-    """Splits per sequence from the shapes alone: about WAVES programs per SM, never fewer than
-    MIN_TILES_PER_SPLIT tiles of the longest possible cache per split, and no more splits than that
-    many tiles each needs (a full cache then leaves no split empty)."""
-    programs = batch * heads_kv * row_blocks
-    tiles = triton.cdiv(lk, block_n)
-    wanted = triton.cdiv(WAVES * _sm_count(device), programs)
-    splits = max(1, min(wanted, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
-    return triton.cdiv(tiles, triton.cdiv(tiles, splits))
-
-
-def split_plan(p: Problem, block_d: int, block_dv: int, elsize: int, device: torch.device,
-               num_splits: int | None = None) -> tuple[dict, int, int]:
-    """decode_forward's (split-kernel config, row blocks per kv head, splits per sequence)."""
-    rows = p.group * p.lq  # packed rows per kv head
-    cfg = dict(CONFIG_OVERRIDE or decode_config(block_d, block_dv, rows, elsize, interpreter_active()))
-    row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
-    splits = num_splits or choose_splits(p.batch, p.heads_kv, row_blocks, p.lk, cfg["BLOCK_N"], device)
-    return cfg, row_blocks, splits
-
-
-def decode_forward(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, p: Problem,
-    num_splits: int | None = None, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch the split kernel (and the combine unless there is one split) for the cache lengths
-    ``p.kv_lengths``. ``out``, if given, is written in place (tests pass a NaN-poisoned one)."""
-    _ensure_allocator()
-    q, k, v = query, key_cache, value_cache
-    device = q.device
-    if out is None:
-        out = torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v, dtype=q.dtype, device=device)
-    dummy = torch.empty(1, dtype=torch.float32, device=device)
-    kv_lengths = p.kv_lengths
-    # the split kernel reads kv_lengths itself: no dense key-range tensors to build on this hot path
-    opt = launch_options(dataclasses.replace(p, kv_lengths=None), q.dtype, dummy)
-    meta = {name: opt.meta[name] for name in
-            ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "COS", "DOT_PREC")}
-
-    cfg, row_blocks, splits = split_plan(p, meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(), device,
-                                         num_splits)
-    tma = cfg.pop("TMA", None)
-    if tma is None:
-        tma = _tma_ready(k) and _tma_ready(v)
-    direct = splits == 1
-    if direct:
-        acc_ws = max_ws = sum_ws = dummy
-    else:
-        n_rows = p.batch * p.heads_q * p.lq
-        acc_ws = torch.empty(n_rows, splits, p.head_dim_v, dtype=torch.float32, device=device)
-        max_ws = torch.empty(n_rows, splits, dtype=torch.float32, device=device)
-        sum_ws = torch.empty(n_rows, splits, dtype=torch.float32, device=device)
-    lengths = kv_lengths if kv_lengths is not None else dummy
-    decode_split_kernel[(splits, p.heads_kv * row_blocks, p.batch)](
-        q, k, v, out, acc_ws, max_ws, sum_ws, lengths, opt.pointers[0],
-        *q.stride(), *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *opt.strides[:3],
-        lengths.stride(0),
-        p.heads_q, p.lq, p.lk, p.group, row_blocks, splits, p.scale * LOG2E, opt.temp_a, opt.temp_b,
-        **meta, HAS_LENGTHS=kv_lengths is not None, DIRECT=direct, TMA=tma, **cfg,
-    )
-    if not direct:
-        decode_combine_kernel[(p.batch * p.heads_q * p.lq,)](
-            acc_ws, max_ws, sum_ws, out, *out.stride()[:3], p.heads_q, p.lq, splits,
-            HEAD_DV=p.head_dim_v, BLOCK_DV=meta["BLOCK_DV"],
-            BLOCK_S=min(triton.next_power_of_2(splits), COMBINE_BLOCK_S),
-        )
-    return out

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from .kernels.primitives import INTERPRETED
-from .temperature import TEMPERATURE_CHOICES, TemperatureSpec
+from .temperature import TemperatureSpec, check_temperature_options
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 MAX_GRID_YZ = 65535  # CUDA's limit on the grid's y and z extents (heads, batch)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class Problem:
-    """The shapes and options of one attention call, after validation."""
+    """The shapes and options of one attention call, after validation. Treat it as immutable (not frozen:
+    a frozen dataclass costs microseconds per call to build; ``dataclasses.replace`` makes a changed copy)."""
 
     batch: int
     heads_q: int
@@ -113,7 +114,7 @@ def _looks_transposed(query: torch.Tensor, key: torch.Tensor, names: tuple[str, 
         which, fix = f"{kn} and {vn} are", f"{kn}.transpose(1, 2) and {vn}.transpose(1, 2)"
     else:
         return ""
-    return (f"{qn} {_shape(query)} and {kn} {_shape(key)} look like {which} laid out (batch, length, "
+    return (f"{qn} {shape_text(query)} and {kn} {shape_text(key)} look like {which} laid out (batch, length, "
             f"heads, head_dim), but this function takes (batch, heads, length, head_dim): pass {fix} (a "
             "view, read in place)")
 
@@ -135,15 +136,15 @@ def _check_heads(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool,
                      "to share key/value heads across query heads")
 
 
-def _shape(t: torch.Tensor) -> str:
+def shape_text(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    return type(x) is float or type(x) is int or (isinstance(x, numbers.Real) and not isinstance(x, bool))
 
 
-def _broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+def broadcastable(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
     if len(shape) > len(target):
         return False
     return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
@@ -180,39 +181,42 @@ def check_inputs(
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions (batch, heads, length, head_dim), "
-                             f"got shape {_shape(t)}")
+                             f"got shape {shape_text(t)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if kernel and t.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; the fused kernels take float16, bfloat16 or "
                             "float32 (use infoscale_triton.reference for other dtypes)")
-    if key.dtype != query.dtype or value.dtype != query.dtype:
+    dtype = query.dtype
+    if key.dtype != dtype or value.dtype != dtype:
         raise TypeError(f"{qn}, {kn} and {vn} must share a dtype, got {query.dtype}, {key.dtype}, "
                         f"{value.dtype}")
+    device = query.device  # (each .device and .shape read builds a new object: read them once)
     for name, t in ((kn, key), (vn, value)):
-        if t.device != query.device:
+        if t.device != device:
             raise ValueError(f"{name} is on {t.device} but query is on {query.device}; "
                              "all tensors must be on one device")
-    if kernel and query.device.type != "cuda" and not interpreter_active():
-        raise ValueError(_not_cuda_message(query.device))
+    if kernel and device.type != "cuda" and not interpreter_active():
+        raise ValueError(_not_cuda_message(device))
 
     batch, heads_q, lq, head_dim = query.shape
-    _, heads_kv, lk, _ = key.shape
-    head_dim_v = value.shape[-1]
-    if key.shape[0] != batch or value.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: {qn} {_shape(query)}, {kn} {_shape(key)}, "
-                         f"{vn} {_shape(value)}")
-    if value.shape[1] != heads_kv or value.shape[2] != lk:
-        swapped = value.shape[1] == lk and value.shape[2] == heads_kv
-        raise ValueError(f"{kn} {_shape(key)} and {vn} {_shape(value)} must agree in heads and length"
+    key_batch, heads_kv, lk, key_head_dim = key.shape
+    value_batch, value_heads, value_len, head_dim_v = value.shape
+    if key_batch != batch or value_batch != batch:
+        raise ValueError(f"batch sizes differ: {qn} {shape_text(query)}, {kn} {shape_text(key)}, "
+                         f"{vn} {shape_text(value)}")
+    if value_heads != heads_kv or value_len != lk:
+        swapped = value_heads == lk and value_len == heads_kv
+        raise ValueError(f"{kn} {shape_text(key)} and {vn} {shape_text(value)} must agree in heads and length"
                          + (f"; {vn} looks laid out (batch, length, heads, head_dim): pass "
                             f"{vn}.transpose(1, 2)" if swapped else ""))
-    if key.shape[3] != head_dim:
+    if key_head_dim != head_dim:
         raise ValueError(f"{kn}'s head_dim {key.shape[3]} differs from {qn}'s {head_dim}: "
-                         f"{qn} {_shape(query)}, {kn} {_shape(key)}")
+                         f"{qn} {shape_text(query)}, {kn} {shape_text(key)}")
     if head_dim == 0:
         raise ValueError(f"{qn} and {kn} have head_dim 0; it must be at least 1")
-    _check_heads(query, key, enable_gqa, names)
+    if heads_q != heads_kv:
+        _check_heads(query, key, enable_gqa, names)
     if kernel:
         for name, d in (("query/key head_dim", head_dim), ("value head_dim", head_dim_v)):
             if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
@@ -228,17 +232,21 @@ def check_inputs(
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
             raise TypeError(f"attn_mask must be boolean (True = may attend) or floating (added to the "
                             f"logits), got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
+        if attn_mask.device != device:
             raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
         target = (batch, heads_q, lq, lk)
-        if not _broadcastable(tuple(attn_mask.shape), target):
-            raise ValueError(f"attn_mask of shape {_shape(attn_mask)} does not broadcast to "
+        if not broadcastable(tuple(attn_mask.shape), target):
+            raise ValueError(f"attn_mask of shape {shape_text(attn_mask)} does not broadcast to "
                              f"(batch, heads, Lq, Lk) = {target}")
 
-    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+    # (the common float 0.0 needs no more checks)
+    if (dropout_p != 0.0 or type(dropout_p) is not float) and (not _is_real(dropout_p)
+                                                              or not 0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    check_bool("is_causal", is_causal)
-    check_bool("enable_gqa", enable_gqa)
+    if is_causal is not True and is_causal is not False:
+        check_bool("is_causal", is_causal)
+    if enable_gqa is not True and enable_gqa is not False:
+        check_bool("enable_gqa", enable_gqa)
 
     if cos_scale is not None:
         if not _is_real(cos_scale) or not math.isfinite(cos_scale) or cos_scale <= 0:
@@ -255,38 +263,22 @@ def check_inputs(
     else:
         c = 1.0 / math.sqrt(head_dim)
 
-    spec = None
-    if isinstance(temperature, str):
-        if temperature not in TEMPERATURE_CHOICES:
-            raise ValueError(f"temperature must be one of {', '.join(map(repr, TEMPERATURE_CHOICES))}, "
-                             f"a tensor or None; got {temperature!r}")
-        if train_len is None:
-            raise ValueError(f"temperature={temperature!r} needs train_len, the training length N")
-        if not isinstance(train_len, numbers.Integral) or isinstance(train_len, bool) or train_len < 2:
-            raise ValueError(f"train_len must be an int >= 2, got {train_len!r}")
-        spec = TemperatureSpec.parse(temperature)
-    elif isinstance(temperature, torch.Tensor):
+    if isinstance(temperature, torch.Tensor):
         target = (batch, heads_q, lq)
         if not temperature.is_floating_point():
             raise TypeError(f"temperature tensor must be floating-point, got {temperature.dtype}")
-        if temperature.device != query.device:
+        if temperature.device != device:
             raise ValueError(f"temperature is on {temperature.device} but query is on {query.device}")
-        if not _broadcastable(tuple(temperature.shape), target):
-            raise ValueError(f"temperature of shape {_shape(temperature)} does not broadcast to "
+        if not broadcastable(tuple(temperature.shape), target):
+            raise ValueError(f"temperature of shape {shape_text(temperature)} does not broadcast to "
                              f"(batch, heads, Lq) = {target}")
-        if train_len is not None:
-            raise ValueError("train_len is only used by the string temperatures; got a tensor "
-                             f"temperature and train_len={train_len!r}")
-    elif temperature is not None:
-        raise TypeError(f"temperature must be None, a string or a tensor, got {type(temperature).__name__}")
-    elif train_len is not None:
-        raise ValueError(f"train_len={train_len!r} given without a string temperature; pass e.g. "
-                         "temperature='infoscale'")
+    spec = check_temperature_options(temperature, train_len)
 
     tensor_temperature = temperature if isinstance(temperature, torch.Tensor) else None
-    window = check_window(window)
+    if window is not None:
+        window = check_window(window)
     if kv_lengths is not None:
-        check_lengths("kv_lengths", kv_lengths, batch, query.device)
+        check_lengths("kv_lengths", kv_lengths, batch, device)
     return Problem(batch, heads_q, heads_kv, lq, lk, head_dim, head_dim_v, c, spec, tensor_temperature,
                    train_len, None if cos_scale is None else float(cos_scale), attn_mask, is_causal,
                    float(dropout_p), kv_lengths, window)
@@ -314,6 +306,6 @@ def check_lengths(name: str, lengths: object, count: int, device: torch.device) 
     if lengths.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be int32 or int64, got {lengths.dtype}")
     if tuple(lengths.shape) != (count,):
-        raise ValueError(f"{name} must have shape ({count},), got {_shape(lengths)}")
+        raise ValueError(f"{name} must have shape ({count},), got {shape_text(lengths)}")
     if lengths.device != device:
         raise ValueError(f"{name} is on {lengths.device} but query is on {device}")

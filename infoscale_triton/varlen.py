@@ -11,7 +11,7 @@ from . import ops
 from .attention import AttentionEntropy
 from .dropout import draw_seed
 from .empty import nothing_to_compute, zero_output, zero_stats
-from .validation import _broadcastable, _shape, check_bool, check_inputs, check_lengths
+from .validation import broadcastable, check_bool, check_inputs, check_lengths, shape_text
 
 
 def varlen_attention(
@@ -69,7 +69,7 @@ def varlen_attention(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-dimensional tensor (tokens, heads, head_dim), got "
-                             f"{_shape(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
+                             f"{shape_text(t) if isinstance(t, torch.Tensor) else type(t).__name__}")
     heads_q, heads_kv = query.shape[1], key.shape[1]
     if (heads_q % heads_kv if heads_kv else heads_q):
         raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
@@ -77,8 +77,8 @@ def varlen_attention(
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (query, key, value))
     temp4 = temperature
     if isinstance(temperature, torch.Tensor):
-        if not _broadcastable(tuple(temperature.shape), (query.shape[0], heads_q)):
-            raise ValueError(f"temperature of shape {_shape(temperature)} does not broadcast to "
+        if not broadcastable(tuple(temperature.shape), (query.shape[0], heads_q)):
+            raise ValueError(f"temperature of shape {shape_text(temperature)} does not broadcast to "
                              f"(tokens, heads) = ({query.shape[0]}, {heads_q})")
         temp4 = torch.broadcast_to(temperature, (query.shape[0], heads_q)).transpose(0, 1).unsqueeze(0)
     p = check_inputs(q4, k4, v4, None, dropout_p, is_causal, scale, heads_q != heads_kv, temp4, train_len,
@@ -104,12 +104,12 @@ def _offsets(cu_q: object, cu_k: object, max_q: object, max_k: object, tokens_q:
     for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.shape[0] < 1:
             raise ValueError(f"{name} must be a 1-d int32 tensor (batch + 1,) of cumulative lengths, got "
-                             f"{_shape(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
+                             f"{shape_text(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__}")
         if cu.dtype != torch.int32:
             raise TypeError(f"{name} must be int32 (as FlashAttention's), got {cu.dtype}")
         check_lengths(name, cu, cu.shape[0], device)
     if cu_q.shape != cu_k.shape:
-        raise ValueError(f"cu_seqlens_q {_shape(cu_q)} and cu_seqlens_k {_shape(cu_k)} must have the same "
+        raise ValueError(f"cu_seqlens_q {shape_text(cu_q)} and cu_seqlens_k {shape_text(cu_k)} must have the same "
                          "length (one entry per sequence, plus one)")
     fields = {"cu_seqlens_q": cu_q, "cu_seqlens_k": cu_k}
     for name, given, cu, tokens in (("max_seqlen_q", max_q, cu_q, tokens_q),

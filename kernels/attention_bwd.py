@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 
 from .primitives import (
+    INV_LOG2E,
+    LOG2E,
     MASK_ADD,
     MASK_NONE,
     TEMP_NONE,
@@ -35,9 +37,6 @@ from .primitives import (
     row_temperature,
     visible_keys,
 )
-
-LOG2E = tl.constexpr(1.4426950408889634)
-INV_LOG2E = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])

@@ -15,7 +15,11 @@ def _probe():
 # imported; Triton decides at decoration, so ask it rather than parse the variable again).
 INTERPRETED = tl.constexpr(not isinstance(_probe, triton.runtime.JITFunction))
 
-# TEMP_MODE codes (mirrors infoscale_triton.temperature).
+# The constants and mode codes below are defined here only: the host launchers import them too.
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): the kernels work in the exp2 domain
+INV_LOG2E = tl.constexpr(0.6931471805599453)  # ln 2
+
+# TEMP_MODE codes: no temperature, the string kinds (infoscale_triton.temperature), a per-row tensor.
 TEMP_NONE = tl.constexpr(0)
 TEMP_INFOSCALE = tl.constexpr(1)
 TEMP_LOGN = tl.constexpr(2)

@@ -7,9 +7,11 @@ imports ``infoscale_triton``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import zlib
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from infoscale_triton import attention, decode, forward  # only now: they import triton, define the kernels
+from infoscale_triton import splitkv, tuning  # only now: they import triton, define the kernels
 from infoscale_triton.validation import Problem
 
 # Property tests: few examples through the interpreter, more compiled; never a deadline (the first
@@ -49,10 +51,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _fixed_config(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fixed_config(request: pytest.FixtureRequest) -> Iterator[None]:
     """Launch one fixed config per call: autotuning every shape would take far too long. Tests marked
     ``autotune`` switch the autotuner on (whatever INFOSCALE_TRITON_AUTOTUNE says)."""
-    monkeypatch.setattr(forward, "AUTOTUNE", request.node.get_closest_marker("autotune") is not None)
+    with tuning.override(autotune=request.node.get_closest_marker("autotune") is not None):
+        yield
+
+
+@pytest.fixture
+def tune() -> Iterator[Callable[..., None]]:
+    """``tune(**settings)`` changes tuning settings (infoscale_triton.tuning) for the rest of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **settings: stack.enter_context(tuning.override(**settings)) and None
 
 
 @pytest.fixture(autouse=True)
@@ -66,24 +76,25 @@ def _seed(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture
-def dense_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def dense_only() -> Iterator[None]:
     """scaled_dot_product_attention without routing decoding-shaped inference calls (Lq <= 16, no mask,
     window or dropout) to the split-KV decode kernel: for tests whose subject is the dense kernel (the
     decode kernel has its own, tests/test_decode.py)."""
-    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", sys.maxsize)
+    with tuning.override(decode_min_keys=sys.maxsize):
+        yield
 
 
 @pytest.fixture
 def decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """Spy on the decode launcher (ops.decode looks decode.decode_forward up at each call): the list
+    """Spy on the decode launcher (ops.decode looks splitkv.decode_forward up at each call): the list
     gets (Lq, Lk) per launch."""
     calls: list[tuple[int, int]] = []
-    real = decode.decode_forward
+    real = splitkv.decode_forward
 
     def spy(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, p: Problem, *args: object,
             **kwargs: object) -> torch.Tensor:
         calls.append((p.lq, p.lk))
         return real(query, key_cache, value_cache, p, *args, **kwargs)
 
-    monkeypatch.setattr(decode, "decode_forward", spy)
+    monkeypatch.setattr(splitkv, "decode_forward", spy)
     return calls

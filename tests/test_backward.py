@@ -19,6 +19,7 @@ import copy
 import itertools
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,7 +47,7 @@ from hypothesis import strategies as st
 from test_properties import build_problem, problems
 
 import infoscale_triton
-from infoscale_triton import backward, reference
+from infoscale_triton import reference
 
 gpu = pytest.mark.gpu
 # interpreter-sized breadth: each case is cheap on CPU but a new compilation on a GPU
@@ -322,11 +323,11 @@ BWD_CONFIGS = [(16, 16), (16, 32), (32, 16), (64, 16), (16, 64), (32, 32)]
 @pytest.mark.parametrize("lq,lk", [(29, 70), (70, 29), (48, 48)], ids=str)
 @pytest.mark.parametrize("block_m,block_n", BWD_CONFIGS, ids=str)
 def test_block_configs(block_m: int, block_n: int, lq: int, lk: int, is_causal: bool, mask: str | None,
-                       monkeypatch: pytest.MonkeyPatch) -> None:
+                       tune: Callable[..., None]) -> None:
     """Other backward tile shapes (both kernels) move the causal diagonal and the masked/unmasked tile
     split across block boundaries."""
     cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
-    monkeypatch.setattr(backward, "CONFIG_OVERRIDE", (cfg, cfg))
+    tune(backward_configs=(cfg, cfg))
     q, k, v = make_qkv(1, 2, 2, lq, lk, 32, 32, torch.float32)
     check_fused_grads(q, k, v, is_causal=is_causal, attn_mask=make_mask(mask, 1, 2, lq, lk),
                       **temperature_opts("tensor_bhl", 1, 2, lq))

@@ -17,7 +17,7 @@ from helpers import DEVICE, make_mask, make_qkv
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import infoscale_triton
-from infoscale_triton import attention, ops
+from infoscale_triton import ops, tuning
 
 sdpa = infoscale_triton.scaled_dot_product_attention
 gpu = pytest.mark.gpu
@@ -213,9 +213,9 @@ def test_decode() -> None:
     assert "infoscale_triton.decode_fwd" in _targets(graph)
 
 
-def test_dense_routes_to_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dense_routes_to_decode(tune: Callable[..., None]) -> None:
     """An inference call of the dense function that decodes goes through the decode operator."""
-    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 1)  # any cache length, whatever the measured threshold
+    tune(decode_min_keys=1)  # any cache length, whatever the measured threshold
     tensors, opts = _decode_tensors()
 
     def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -237,24 +237,24 @@ def test_decode_refuses_grad_when_compiled(fullgraph: bool) -> None:
         compiled(q, tensors["k"], tensors["v"], **opts)
 
 
-def _record_operator_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple]:
-    """The arguments of the last call of each operator (by name) that the public functions make."""
+def _record_operator_calls(monkeypatch: pytest.MonkeyPatch, tune: Callable[..., None]) -> dict[str, tuple]:
+    """The (args, kwargs) of the last call of each operator (by name) that the public functions make."""
     calls: dict[str, tuple] = {}
-    monkeypatch.setattr(ops, "OPERATORS_IN_EAGER", True)  # eager calls skip the operators otherwise
+    tune(operators_in_eager=True)  # eager calls skip the operators otherwise
     for name in ("attention_fwd", "attention_bwd", "decode_fwd"):
-        def record(*args: Any, name: str = name) -> Any:
-            calls[name] = args
-            return getattr(torch.ops.infoscale_triton, name)(*args)
+        def record(*args: Any, name: str = name, **kwargs: Any) -> Any:
+            calls[name] = (args, kwargs)
+            return getattr(torch.ops.infoscale_triton, name)(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, record)
     return calls
 
 
 @pytest.mark.parametrize("case", ["cos_scale", "dropout", "float_mask_tensor_temperature", "varlen"])
-def test_opcheck_attention(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_opcheck_attention(case: str, monkeypatch: pytest.MonkeyPatch, tune: Callable[..., None]) -> None:
     """torch.library.opcheck of both operators on the arguments a training call gives them: schema,
     fake kernels (shapes and strides against the real ones), autograd registration, AOT dispatch."""
-    calls = _record_operator_calls(monkeypatch)
+    calls = _record_operator_calls(monkeypatch, tune)
     if case == "varlen":
         tensors, opts = _varlen_tensors()
         fn: Callable[..., torch.Tensor] = infoscale_triton.varlen_attention
@@ -262,15 +262,15 @@ def test_opcheck_attention(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
         (q, k, v), opts = _dense_case(case)
         tensors, fn = {"q": q, "k": k, "v": v}, sdpa
     _run(lambda q, k, v: fn(q, k, v, **opts), tensors, train=True)
-    torch.library.opcheck(torch.ops.infoscale_triton.attention_fwd.default, calls["attention_fwd"])
-    torch.library.opcheck(torch.ops.infoscale_triton.attention_bwd.default, calls["attention_bwd"])
+    torch.library.opcheck(torch.ops.infoscale_triton.attention_fwd.default, *calls["attention_fwd"])
+    torch.library.opcheck(torch.ops.infoscale_triton.attention_bwd.default, *calls["attention_bwd"])
 
 
-def test_opcheck_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _record_operator_calls(monkeypatch)
+def test_opcheck_decode(monkeypatch: pytest.MonkeyPatch, tune: Callable[..., None]) -> None:
+    calls = _record_operator_calls(monkeypatch, tune)
     tensors, opts = _decode_tensors()
     infoscale_triton.decode_attention(*tensors.values(), **opts, num_splits=2)
-    torch.library.opcheck(torch.ops.infoscale_triton.decode_fwd.default, calls["decode_fwd"])
+    torch.library.opcheck(torch.ops.infoscale_triton.decode_fwd.default, *calls["decode_fwd"])
 
 
 # --- Inductor (compiled Triton, GPU) -------------------------------------------------------------
@@ -344,13 +344,10 @@ def test_reduce_overhead_training_step() -> None:
 
 
 @gpu
-def test_cuda_graph_capture_autotune_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_graph_capture_autotune_off() -> None:
     """A dense forward+backward captured in torch.cuda.CUDAGraph with the autotuner switched on: the
     capture takes the table's config (autotuning would time kernels inside the capture) and replays
     follow new contents of the captured inputs."""
-    from infoscale_triton import forward
-
-    monkeypatch.setattr(forward, "AUTOTUNE", True)
     leaves = [x.requires_grad_() for x in make_qkv(1, 4, 2, 333, 333, 64, 64, torch.bfloat16)]
     dout = torch.randn(1, 4, 333, 64, device=DEVICE, dtype=torch.bfloat16)
 
@@ -361,14 +358,12 @@ def test_cuda_graph_capture_autotune_off(monkeypatch: pytest.MonkeyPatch) -> Non
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        monkeypatch.setattr(forward, "AUTOTUNE", False)
         step()  # compile the table's config outside the capture
-        monkeypatch.setattr(forward, "AUTOTUNE", True)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with tuning.override(autotune=True), torch.cuda.graph(graph):
         captured = step()
-    monkeypatch.setattr(forward, "AUTOTUNE", False)  # eager comparison with the same (table) config
+    # eager comparison with the same (table) config
     for _ in range(2):
         for x in (*leaves, dout):
             x.data.copy_(torch.randn_like(x))

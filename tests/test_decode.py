@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,8 @@ from helpers import (
 )
 
 import infoscale_triton
-from infoscale_triton import attention, decode
-from infoscale_triton.decode import check_decode_inputs, choose_splits, decode_forward
+from infoscale_triton.decode import check_decode_inputs
+from infoscale_triton.splitkv import choose_splits, decode_forward
 from infoscale_triton.testing import error_budget
 
 gpu = pytest.mark.gpu
@@ -165,10 +166,9 @@ def test_num_splits(num_splits: int | None, is_causal: bool) -> None:
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_cache_garbage_past_lengths(garbage: float, tma: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_garbage_past_lengths(garbage: float, tma: bool, tune: Callable[..., None]) -> None:
     """A cache holds anything past the valid lengths: NaN or inf there must not reach the output."""
-    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4,
-                                                    "num_stages": 1, "TMA": tma})
+    tune(decode_config={"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "TMA": tma})
     q, k, v = make_qkv(3, 2, 2, 3, 75, 32, 32, torch.float16)
     lengths = torch.tensor([75, 20, 0], device=DEVICE)
     dirty_k, dirty_v = k.clone(), v.clone()
@@ -190,10 +190,9 @@ def test_layouts(query_layout: str, cache_layout: str) -> None:
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
-def test_loads_agree(tma: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loads_agree(tma: bool, tune: Callable[..., None]) -> None:
     """Both load paths, forced, on a layout that allows both."""
-    monkeypatch.setattr(decode, "CONFIG_OVERRIDE", {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4,
-                                                    "num_stages": 1, "TMA": tma})
+    tune(decode_config={"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "TMA": tma})
     q, k, v = make_qkv(2, 8, 2, 3, 90, 64, 32, torch.float32, layout="blhd")
     check_decode(q, k, v, torch.tensor([90, 47], device=DEVICE), num_splits=2,
                  **make_temperature("tensor_bhl", 2, 8, 3))
@@ -443,10 +442,10 @@ ROUTING = {
 
 @pytest.mark.parametrize("lq,lk,options,routed", ROUTING.values(), ids=ROUTING.keys())
 def test_dense_function_routes_decoding(lq: int, lk: int, options: dict[str, Any], routed: bool,
-                                        decode_calls: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch) -> None:
+                                        decode_calls: list[tuple[int, int]], tune: Callable[..., None]) -> None:
     """scaled_dot_product_attention sends inference calls with few query rows to the split-KV kernel
     (and nothing else), with the dense function's semantics either way."""
-    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 1)
+    tune(decode_min_keys=1)
     b, hq = 3, 4
     opts = {"is_causal": True, "temperature": "infoscale", "train_len": 16, **options}
     layout, grad = opts.pop("layout", "contiguous"), opts.pop("grad", False)
@@ -467,10 +466,10 @@ def test_dense_function_routes_decoding(lq: int, lk: int, options: dict[str, Any
     assert_within_budget(out.detach(), ref, reference_in(torch.float32, q, k, v, **opts))
 
 
-def test_decode_min_keys(monkeypatch: pytest.MonkeyPatch, decode_calls: list[tuple[int, int]]) -> None:
+def test_decode_min_keys(tune: Callable[..., None], decode_calls: list[tuple[int, int]]) -> None:
     """The routing threshold (measured: benchmarks/bench_decode.py --short): caches shorter than
-    attention.DECODE_MIN_KEYS stay on the dense kernel."""
-    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 48)
+    tuning's decode_min_keys stay on the dense kernel."""
+    tune(decode_min_keys=48)
     for lk in (47, 48):
         q, k, v = make_qkv(1, 4, 2, 2, lk, 16, 16, torch.float32)
         infoscale_triton.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)

@@ -7,6 +7,7 @@ give 0 and 0."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from helpers import DEVICE, DTYPES, make_mask, make_qkv, make_temperature, rel_error
 
 import infoscale_triton
-from infoscale_triton import AttentionEntropy, ops, reference
+from infoscale_triton import AttentionEntropy, reference
 from infoscale_triton.forward import attention_forward
 from infoscale_triton.validation import check_inputs
 
@@ -118,11 +119,11 @@ def assert_same_stats(got: AttentionEntropy, want: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
 @pytest.mark.parametrize("operators", [False, True], ids=["eager", "operators"])
-def test_public_return_entropy(train: bool, operators: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_public_return_entropy(train: bool, operators: bool, tune: Callable[..., None]) -> None:
     """return_entropy=True gives the kernel's statistics (bit for bit) next to an unchanged output, in
     inference and training, through the eager autograd.Function and through the torch.library
     operators (what torch.compile traces); the gradients are those of the output alone."""
-    monkeypatch.setattr(ops, "OPERATORS_IN_EAGER", operators)
+    tune(operators_in_eager=operators)
     opts = dict(is_causal=True, enable_gqa=True, temperature="infoscale", train_len=16)
     q, k, v = (x.requires_grad_(train) for x in make_qkv(2, 4, 2, 33, 40, 32, 16, torch.float32))
     out, stats = infoscale_triton.scaled_dot_product_attention(q, k, v, return_entropy=True, **opts)
@@ -137,11 +138,9 @@ def test_public_return_entropy(train: bool, operators: bool, monkeypatch: pytest
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-def test_public_return_entropy_never_decodes(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_public_return_entropy_never_decodes(tune: Callable[..., None]) -> None:
     """An inference call that would decode stays on the forward kernel, which computes the entropy."""
-    from infoscale_triton import attention
-
-    monkeypatch.setattr(attention, "DECODE_MIN_KEYS", 16)
+    tune(decode_min_keys=16)
     q, k, v = make_qkv(1, 4, 2, 2, 64, 32, 32, torch.float32)
     opts = dict(is_causal=True, enable_gqa=True, temperature="logn", train_len=16)
     with torch.no_grad():

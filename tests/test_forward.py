@@ -6,6 +6,8 @@ multiples so that the Triton interpreter stays fast on CPU; larger shapes are ma
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from helpers import (
@@ -23,8 +25,6 @@ from helpers import (
     rel_error,
     run_fused,
 )
-
-from infoscale_triton import forward
 
 gpu = pytest.mark.gpu
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -146,10 +146,10 @@ CONFIGS = [(16, 32), (32, 32), (64, 16), (16, 64)]
 @pytest.mark.parametrize("lq,lk", [(45, 100), (100, 45), (64, 64)], ids=str)
 @pytest.mark.parametrize("block_m,block_n", CONFIGS, ids=str)
 def test_block_configs(block_m: int, block_n: int, lq: int, lk: int, mask: str | None, is_causal: bool,
-                       monkeypatch: pytest.MonkeyPatch) -> None:
+                       tune: Callable[..., None]) -> None:
     """Other tile shapes (BLOCK_N > BLOCK_M included) move the causal diagonal and tile boundaries."""
-    monkeypatch.setattr(forward, "CONFIG_OVERRIDE", {"BLOCK_M": block_m, "BLOCK_N": block_n,
-                                                     "WARP_SPEC": False, "num_warps": 4, "num_stages": 1})
+    tune(forward_config={"BLOCK_M": block_m, "BLOCK_N": block_n, "WARP_SPEC": False, "num_warps": 4,
+                         "num_stages": 1})
     q, k, v = make_qkv(1, 2, 2, lq, lk, 32, 32, torch.float32)
     check_fused(q, k, v, is_causal=is_causal, attn_mask=make_mask(mask, 1, 2, lq, lk),
                 temperature="infoscale", train_len=32)

@@ -116,7 +116,7 @@ def run_check(dtype_names: Sequence[str] | None = None, patterns: Sequence[str] 
               quick: bool = False) -> int:
     """Check the cases whose name contains one of ``patterns`` (all by default, the quick ones with
     ``quick``; case-insensitive) in each dtype; exit code 1 on any failure, 2 if no case matches."""
-    from infoscale_triton import forward
+    from infoscale_triton import tuning
 
     gpu = harness.on_gpu()
     selected = [c for c in cases(gpu) if (not quick or c.quick)
@@ -128,11 +128,8 @@ def run_check(dtype_names: Sequence[str] | None = None, patterns: Sequence[str] 
     dtypes = [getattr(torch, n) for n in (dtype_names or default_dtypes(gpu, quick))]
     # One fixed launch config per head dim: autotuning every shape here would take minutes (the
     # benchmark checks the autotuned configs). Restored for the bench that may follow.
-    autotune, forward.AUTOTUNE = forward.AUTOTUNE, False
-    try:
+    with tuning.override(autotune=False):
         return _check_cases(selected, gpu, harness.device(), dtypes, quick)
-    finally:
-        forward.AUTOTUNE = autotune
 
 
 def _with_grads(fn, q, k, v, kw: dict, dout):

@@ -18,7 +18,7 @@ import torch
 import triton
 
 import infoscale_triton as it
-from infoscale_triton import forward, reference, testing
+from infoscale_triton import reference, testing, tuning
 from infoscale_triton.dropout import draw_seed, dropout_mask
 
 from . import harness, peers
@@ -171,15 +171,12 @@ def run_info() -> int:
         ["kernels run on", "GPU (compiled)" if gpu else "Triton INTERPRETER on CPU (TRITON_INTERPRET=1)"],
     ], "versions and device")
 
-    autotune, forward.AUTOTUNE = forward.AUTOTUNE, False  # one fixed config: no search for a probe
-    try:
+    with tuning.override(autotune=False):  # one fixed config: no search for a probe
         rows, failed = [], 0
         for name, probe in PATHS.items():
             ok, detail = probe_path(probe, device, dtype)
             failed += not ok
             rows.append([name, "ok" if ok else "FAIL", detail])
-    finally:
-        forward.AUTOTUNE = autotune
     where = "compiled on the GPU" if gpu else "interpreter on CPU"
     table(["path", "status", "detail"], rows,
           f"our paths: one B={B} H={H} L={L} D={D} {str(dtype).removeprefix('torch.')} call each ({where})")

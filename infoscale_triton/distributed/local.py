@@ -1,13 +1,14 @@
 """The single-GPU kernels as the ring calls them: one attention block (a slice of this rank's query rows
 against a slice of the K/V shard it holds) forward, and its gradients. The only place this package
-reaches into the launchers (forward.py, backward.py)."""
+reaches into the launchers (forward.py, backward.py, operands.py)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..backward import attention_backward
-from ..forward import attention_forward, kernel_key
+from ..forward import attention_forward
+from ..operands import kernel_key
 from ..validation import Problem
 
 

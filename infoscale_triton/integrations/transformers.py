@@ -72,7 +72,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import infoscale_triton
 from infoscale_triton import reference
-from infoscale_triton.temperature import TEMPERATURE_CHOICES
+from infoscale_triton.temperature import check_temperature_options
 
 __all__ = ["COS_SCALE_ATTR", "DEFAULT_NAME", "TEMPERATURE_ATTR", "TRAIN_LEN_ATTR", "attention_forward",
            "configure", "reference_attention_forward", "register", "settings"]
@@ -98,27 +98,15 @@ def _check_settings(temperature: object, train_len: object, cos_scale: object,
     """Raise ValueError / TypeError naming the argument (``names``: how to call temperature, train_len
     and cos_scale in the messages)."""
     t_name, n_name, s_name = names
-    if temperature is not None:
-        if isinstance(temperature, torch.Tensor):
-            raise TypeError(f"{t_name} must be a string or None: a per-row tensor temperature depends on "
-                            "the batch and cannot live in a config (call "
-                            "infoscale_triton.scaled_dot_product_attention directly for that)")
-        if not isinstance(temperature, str) or temperature not in TEMPERATURE_CHOICES:
-            raise ValueError(f"{t_name} must be None or one of "
-                             f"{', '.join(map(repr, TEMPERATURE_CHOICES))}, got {temperature!r}")
-        if train_len is None:
-            hint = ""
-            if config is not None and getattr(config, "max_position_embeddings", None) is not None:
-                hint = (f" config.max_position_embeddings ({config.max_position_embeddings}) is the longest "
-                        "position the model supports, often an extended context rather than the training "
-                        "length: pass it explicitly if it is the length the model was trained at.")
-            raise ValueError(f"{t_name}={temperature!r} needs {n_name}, the training length N at which the "
-                             f"temperature is 1 (the paper's N); there is no default.{hint}")
-        if not isinstance(train_len, numbers.Integral) or isinstance(train_len, bool) or train_len < 2:
-            raise ValueError(f"{n_name} must be an int >= 2, got {train_len!r}")
-    elif train_len is not None:
-        raise ValueError(f"{n_name}={train_len!r} is only used with a string {t_name}; pass e.g. "
-                         f"{t_name}='infoscale' or leave {n_name} None")
+    hint = ""
+    if config is not None and getattr(config, "max_position_embeddings", None) is not None:
+        hint = (f" config.max_position_embeddings ({config.max_position_embeddings}) is the longest "
+                "position the model supports, often an extended context rather than the training "
+                "length: pass it explicitly if it is the length the model was trained at.")
+    check_temperature_options(
+        temperature, train_len, names=(t_name, n_name), train_len_hint=hint,
+        tensor_refused="a per-row tensor temperature depends on the batch and cannot live in a config (call "
+                       "infoscale_triton.scaled_dot_product_attention directly for that)")
     if cos_scale is not None and (not isinstance(cos_scale, numbers.Real) or isinstance(cos_scale, bool)
                                   or not math.isfinite(cos_scale) or cos_scale <= 0):
         raise ValueError(f"{s_name} must be None or a finite number > 0 (the paper uses 32 to 256), "
@@ -171,11 +159,27 @@ def configure(config: PreTrainedConfig, *, temperature: str | None = None, train
 def settings(config: PreTrainedConfig | None) -> dict[str, Any]:
     """The keyword arguments ``temperature``, ``train_len`` and ``cos_scale`` that ``config`` sets (all
     None without a config or attributes), validated: what the attention function passes on."""
-    attrs = {"temperature": TEMPERATURE_ATTR, "train_len": TRAIN_LEN_ATTR, "cos_scale": COS_SCALE_ATTR}
-    found = {k: getattr(config, attr, None) for k, attr in attrs.items()}
-    _check_settings(found["temperature"], found["train_len"], found["cos_scale"],
-                    tuple(f"config.{a}" for a in attrs.values()), config)
-    return found
+    found = (getattr(config, TEMPERATURE_ATTR, None), getattr(config, TRAIN_LEN_ATTR, None),
+             getattr(config, COS_SCALE_ATTR, None))
+    names = tuple(f"config.{a}" for a in (TEMPERATURE_ATTR, TRAIN_LEN_ATTR, COS_SCALE_ATTR))
+    if torch.compiler.is_compiling():  # (traced once per graph: no need for the memo)
+        _check_settings(*found, names, config)
+    else:
+        typed = tuple((type(x), x) for x in found)  # (2.0 == 2, but train_len=2.0 is refused)
+        try:
+            checked = typed in _CHECKED
+        except TypeError:  # an unhashable value: checked below, and refused
+            checked = False
+        if not checked:
+            _check_settings(*found, names, config)
+            if len(_CHECKED) < 64:
+                _CHECKED.add(typed)
+    return dict(zip(("temperature", "train_len", "cos_scale"), found))
+
+
+# Settings found valid: the attention function reads the config at every call (once per layer and token),
+# and a set lookup is cheaper than the checks. Valid values are strings, ints, floats and None.
+_CHECKED: set[tuple] = set()
 
 
 def _float_mask(mask: torch.Tensor) -> torch.Tensor:

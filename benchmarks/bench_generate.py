@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""generate() with a Hugging Face Llama-style model: transformers' "sdpa" attention against this
+package's, with the temperature off and with InfoScale on, eagerly and with a static cache under
+torch.compile. Plus a small-call row: one dense forward eagerly, ours against SDPA's.
+
+Model: built from a LlamaConfig with random weights (no downloads): 16 layers, hidden 2048, 16 query
+and 8 KV heads (head dim 128), intermediate 5632, vocabulary 32000; bf16, batch 1. Prompt: 2048
+random token ids; 256 greedy new tokens (--quick: 64).
+
+Rows (impl x mode):
+  impl   sdpa            attn_implementation="sdpa" (PyTorch picks its backend)
+         ours            infoscale_triton.integrations.transformers.register(), no temperature
+         ours_infoscale  the same with configure(temperature="infoscale", train_len=--train-len)
+  mode   eager           the default dynamic cache, no compile (generate(disable_compile=True))
+         static_compiled cache_implementation="static": transformers compiles the decoding forward
+                         (torch.compile, its default CompileConfig: mode="reduce-overhead", CUDA graphs);
+                         the prefill runs eagerly
+Measured per row (after one warm-up generate, which compiles): prefill ms = generate(max_new_tokens=1)
+(the prompt's forward and the first token), total ms = generate(max_new_tokens=N); decoding tokens/s =
+(N - 1) / (total - prefill). Medians of --repeats runs. Ratios: ours / sdpa tokens/s per mode, and
+ours_infoscale / ours. The first-step logits of each impl are compared with sdpa's (relative error) and
+the greedy tokens that agree with sdpa's are counted (bf16: two correct implementations may diverge after
+a near-tie).
+
+Small call: infoscale_triton.scaled_dot_product_attention(q, k, v, is_causal=True) at B 1, H 16, L 256,
+D 128 against F.scaled_dot_product_attention (default backend and cuDNN), microseconds per call of
+back-to-back eager calls between two synchronisations.
+
+Time: ~2.5 minutes on an H200 with cold caches (three torch.compile graphs dominate; --modes eager
+skips them). --smoke: a 2-layer model with head dim 16 on the CPU, our kernels through Triton's
+interpreter, eager and static cache (CPU: no compile), a few tokens: checks that the script runs and
+that ours (float32) generates sdpa's tokens; its timings mean nothing.
+
+Results: a table on stdout and bench_generate_<time>.json under --out (default ./results-generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE or not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import infoscale_triton
+from infoscale_triton.integrations import transformers as it_hf
+
+IMPLS = ("sdpa", "ours", "ours_infoscale")
+MODES = ("eager", "static_compiled")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--intermediate", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--new", type=int, default=256, help="greedy new tokens")
+    ap.add_argument("--train-len", type=int, default=2048, help="InfoScale's N")
+    ap.add_argument("--quick", action="store_true", help="64 new tokens, one timed run")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per row (median)")
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU through the interpreter")
+    ap.add_argument("--out", default="results-generate", help="directory for the JSON")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.new, args.repeats = 64, 1
+    if args.smoke:
+        args.layers, args.hidden, args.heads, args.kv_heads, args.intermediate, args.vocab = 2, 64, 4, 2, 128, 128
+        args.prompt, args.new, args.repeats, args.train_len = 20, 4, 1, 16
+        args.modes = ["eager", "static"]  # (no compile on the CPU: the static cache's path alone)
+    return args
+
+
+def build_model(args: argparse.Namespace, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate,
+                         vocab_size=args.vocab, max_position_embeddings=max(4096, args.prompt + args.new))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def set_impl(model: LlamaForCausalLM, impl: str, args: argparse.Namespace) -> None:
+    if impl == "sdpa":
+        model.set_attn_implementation("sdpa")
+        return
+    model.set_attn_implementation(it_hf.register())
+    if impl == "ours_infoscale":
+        it_hf.configure(model.config, temperature="infoscale", train_len=args.train_len)
+    else:
+        it_hf.configure(model.config)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and not SMOKE:
+        torch.cuda.synchronize()
+
+
+def timed_generate(model: LlamaForCausalLM, ids: torch.Tensor, new: int, mode: str) -> tuple[float, torch.Tensor]:
+    """Milliseconds of one greedy generate() and its sequences."""
+    kwargs: dict = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "use_cache": True}
+    if mode == "eager":
+        kwargs["disable_compile"] = True
+    else:
+        kwargs["cache_implementation"] = "static"  # compiled by transformers on CUDA ("static": not compiled)
+        if mode == "static":
+            kwargs["disable_compile"] = True
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    _sync()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def first_logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits[:, -1].float()
+
+
+def measure_row(model: LlamaForCausalLM, ids: torch.Tensor, impl: str, mode: str, args: argparse.Namespace,
+                reference: dict) -> dict:
+    set_impl(model, impl, args)
+    if mode == "static_compiled":
+        torch._dynamo.reset()  # (a fresh graph per impl: no guards of the previous one)
+    t_warm, _ = timed_generate(model, ids, args.new, mode)  # compiles (Triton, Inductor), CUDA graphs
+    prefill = statistics.median(timed_generate(model, ids, 1, mode)[0] for _ in range(args.repeats))
+    runs = [timed_generate(model, ids, args.new, mode) for _ in range(args.repeats)]
+    total = statistics.median(ms for ms, _ in runs)
+    tokens = runs[0][1][0, ids.shape[1]:]
+    logits = first_logits(model, ids) if mode == "eager" else None
+    row = {"impl": impl, "mode": mode, "prefill_ms": prefill, "total_ms": total, "warmup_ms": t_warm,
+           "decode_tok_s": (args.new - 1) / ((total - prefill) / 1e3) if total > prefill else float("nan")}
+    key = mode
+    if impl == "sdpa":
+        reference[key] = {"tokens": tokens, "logits": logits}
+    elif key in reference:
+        ref = reference[key]
+        row["tokens_as_sdpa"] = int((tokens == ref["tokens"]).int().cumprod(0).sum().item())  # leading run
+        row["tokens"] = tokens.numel()
+        if logits is not None and ref["logits"] is not None and impl == "ours":
+            row["first_logits_rel_err"] = ((logits - ref["logits"]).norm() / ref["logits"].norm()).item()
+    return row
+
+
+def small_call(device: str, dtype: torch.dtype, smoke: bool) -> list[dict]:
+    """One dense causal forward at B 1, H 16, L 256, D 128 (smoke: L 32, D 16): us per eager call."""
+    length, d = (32, 16) if smoke else (256, 128)
+    sets = [tuple(torch.randn(1, 16, length, d, device=device, dtype=dtype) for _ in range(3)) for _ in range(4)]
+    calls: dict[str, Callable[[tuple], object]] = {
+        "ours": lambda s: infoscale_triton.scaled_dot_product_attention(*s, is_causal=True),
+        "sdpa": lambda s: F.scaled_dot_product_attention(*s, is_causal=True),
+    }
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def cudnn(s: tuple) -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(*s, is_causal=True)
+
+        calls["sdpa_cudnn"] = cudnn
+    rows = []
+    n = 20 if smoke else 500
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for s in sets:
+                fn(s)
+            rounds = []
+            for _ in range(1 if smoke else 5):
+                _sync()
+                t0 = time.perf_counter()
+                for i in range(n):
+                    fn(sets[i % len(sets)])
+                _sync()
+                rounds.append((time.perf_counter() - t0) / n * 1e6)
+            rows.append({"provider": name, "us_per_call": statistics.median(rounds)})
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpu = torch.cuda.is_available() and not args.smoke
+    if not gpu and not args.smoke:
+        print("no CUDA device: pass --smoke for the CPU check (interpreter, tiny model)", file=sys.stderr)
+        return 2
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    started = time.perf_counter()
+    model = build_model(args, device, dtype)
+    ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
+    rows: list[dict] = []
+    reference: dict = {}
+    for mode in args.modes:
+        for impl in ["sdpa", *[i for i in args.impls if i != "sdpa"]]:
+            rows.append(measure_row(model, ids, impl, mode, args, reference))
+            print(f"  {mode:15s} {impl:15s} prefill {rows[-1]['prefill_ms']:8.1f} ms  "
+                  f"decode {rows[-1]['decode_tok_s']:7.1f} tok/s  (warm-up {rows[-1]['warmup_ms'] / 1e3:.1f} s)",
+                  flush=True)
+    small = small_call(device, dtype, args.smoke)
+    elapsed = time.perf_counter() - started
+
+    print(f"\ngenerate(): {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, prompt "
+          f"{args.prompt}, {args.new} new tokens, {str(dtype).removeprefix('torch.')}, batch 1")
+    print("| mode | impl | prefill ms | decode tok/s | vs sdpa | vs ours | tokens = sdpa | first logits err |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = {}
+    for r in rows:
+        base = next((x for x in rows if x["mode"] == r["mode"] and x["impl"] == "sdpa"), None)
+        off = next((x for x in rows if x["mode"] == r["mode"] and x["impl"] == "ours"), None)
+        vs_sdpa = r["decode_tok_s"] / base["decode_tok_s"] if base else float("nan")
+        vs_off = r["decode_tok_s"] / off["decode_tok_s"] if off and r["impl"] == "ours_infoscale" else float("nan")
+        ratios[f"{r['mode']}/{r['impl']}"] = {"vs_sdpa": vs_sdpa, "vs_ours_off": vs_off}
+        err = r.get("first_logits_rel_err")
+        same = f"{r['tokens_as_sdpa']}/{r['tokens']}" if "tokens" in r else ""
+        print(f"| {r['mode']} | {r['impl']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {vs_sdpa:.3f} | "
+              f"{'' if math.isnan(vs_off) else f'{vs_off:.3f}'} | {same} | {'' if err is None else f'{err:.1e}'} |")
+    print("\nsmall call (dense causal forward, eager, us per call):")
+    ours_us = next(s["us_per_call"] for s in small if s["provider"] == "ours")
+    for s in small:
+        print(f"  {s['provider']:11s} {s['us_per_call']:7.1f} us   ours / {s['provider']} = "
+              f"{ours_us / s['us_per_call']:.2f}")
+    print(f"\ntotal {elapsed:.0f} s")
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out_dir / f"bench_generate_{stamp}.json"
+    import transformers
+
+    meta = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)", "torch": torch.__version__,
+            "transformers": transformers.__version__, "time": stamp, "args": vars(args), "seconds": elapsed}
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios, "small_call": small}, indent=1,
+                               default=str))
+    print(f"wrote {path}")
+    if args.smoke:
+        # the check the smoke run exists for: in float32 (interpreter) ours generates sdpa's tokens
+        bad = [r for r in rows if r["impl"] == "ours" and r["tokens_as_sdpa"] != r["tokens"]]
+        if bad:
+            print(f"ours generated other tokens than sdpa: {bad}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
