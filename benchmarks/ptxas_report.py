@@ -25,8 +25,9 @@ from infoscale_triton.kernels.attention_fwd import attention_fwd_kernel, fwd_con
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 FLOATS = {"scale_log2", "temp_a", "temp_b", "dropout_p", "dropout_scale", "scale"}
-POINTERS = {"Count": "*i32", "Seed": "*i64", "Lse": "*fp32", "Temp": "*fp32", "Mask": "*fp32",
-            "Delta": "*fp32", "RowScale": "*fp32", "KInv": "*fp32", "DT": "*fp32"}
+POINTERS = {"Count": "*i32", "Seed": "*i64", "Lse": "*fp32", "LogL": "*fp32", "Temp": "*fp32", "Mask": "*fp32",
+            "Delta": "*fp32", "RowScale": "*fp32", "KInv": "*fp32", "DT": "*fp32", "CuQ": "*i32", "CuK": "*i32",
+            "KvRange": "*i32", "Entropy": "*fp32", "MaxProb": "*fp32"}
 
 
 def arg_type(name: str, dtype: str) -> str:
@@ -75,11 +76,12 @@ def main() -> None:
         for d in args.d:
             block = max(triton.next_power_of_2(d), 16)
             common = dict(HEAD_D=d, HEAD_DV=d, BLOCK_D=block, BLOCK_DV=block, IS_CAUSAL=True, COS=False,
-                          MASK_MODE=0, DOT_PREC="ieee" if dtype == "fp32" else "tf32", DROPOUT=args.dropout)
+                          MASK_MODE=0, DOT_PREC="ieee" if dtype == "fp32" else "tf32", DROPOUT=args.dropout,
+                          VARLEN=False, HAS_KV_RANGE=False, WINDOW=False)
             tag = f"{dtype} D={d}{' dropout' if args.dropout else ''}"
             fwd = fwd_config(block, block, args.lk, elsize, False, dropout=args.dropout)
             report(f"fwd  {tag}", attention_fwd_kernel, dtype,
-                   dict(common, TEMP_MODE=1, CLIP=False, HAS_COUNT=False, SIGNED=False), fwd)
+                   dict(common, TEMP_MODE=1, CLIP=False, HAS_COUNT=False, SIGNED=False, ENTROPY=False), fwd)
             dkdv, dq = bwd_config(block, block, elsize, False)
             report(f"dkdv {tag}", attention_bwd_dkdv_kernel, dtype, common, dkdv)
             report(f"dq   {tag}", attention_bwd_dq_kernel, dtype, dict(common, TEMP_GRAD=False), dq)

@@ -27,6 +27,8 @@ select the same compiled kernel that its first call returned.
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -234,15 +236,36 @@ def _carve(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, 
     return tuple(parts)
 
 
+class _Scratch(threading.local):
+    keep = True  # False inside transient_scratch()
+
+
+_SCRATCH = _Scratch()
+
+
+@contextlib.contextmanager
+def transient_scratch() -> Iterator[None]:
+    """Inside, :func:`workspace` and :func:`dummy` keep nothing for later calls. For the operators that
+    compiled graphs call: torch.compile's CUDA-graph trees run them while allocations go to a graph's
+    private memory pool (also in the warm-up runs before a capture), where a kept buffer would be memory
+    of the pool that no graph output accounts for."""
+    keep, _SCRATCH.keep = _SCRATCH.keep, False
+    try:
+        yield
+    finally:
+        _SCRATCH.keep = keep
+
+
 def workspace(sizes: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
     """Float32 scratch tensors of ``sizes`` elements on ``device`` (1-d, 16-byte aligned), for memory that
     a call writes and reads back before it returns (e.g. the split-KV partial results).
 
     The rule: reused by later calls on the same CUDA stream, which the stream orders after this call's
-    kernels. New ones (not kept) on the CPU and while the current stream captures a CUDA graph: a cached
-    buffer inside a graph would be shared with eager calls and other graphs, which may run concurrently
-    on other streams. So a workspace must never be returned to the caller or kept after the call."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    kernels. New ones (not kept) on the CPU, inside :func:`transient_scratch` and while the current stream
+    captures a CUDA graph: a cached buffer inside a graph would be shared with eager calls and other
+    graphs, which may run concurrently on other streams. So a workspace must never be returned to the
+    caller or kept after the call."""
+    if device.type != "cuda" or not _SCRATCH.keep or torch.cuda.is_current_stream_capturing():
         return _carve(sizes, device)
     key = (device, current_stream(device.index), sizes)
     found = _WORKSPACES.get(key)
@@ -267,6 +290,6 @@ def dummy(device: torch.device) -> torch.Tensor:
     t = _DUMMIES.get(device)
     if t is None:
         t = torch.empty(1, dtype=torch.float32, device=device)
-        if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        if device.type != "cuda" or (_SCRATCH.keep and not torch.cuda.is_current_stream_capturing()):
             _DUMMIES[device] = t  # (not memory of a graph's private pool)
     return t

@@ -14,6 +14,7 @@ Every operator call passes them by keyword. Nothing here reads a tensor's values
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from . import splitkv, tuning
 from .backward import attention_backward
 from .forward import attention_forward, new_entropy_stats, new_output, new_row_stats
-from .launch import on_device
+from .launch import on_device, transient_scratch
 from .operands import kernel_key
 from .temperature import TemperatureSpec
 from .validation import Problem
@@ -126,6 +127,16 @@ def _backward_grads(dout: Tensor, query: Tensor, key: Tensor, value: Tensor, out
                                   temperature_grad=temperature_grad)
 
 
+def _operator_body(fn: Callable[..., object]) -> Callable[..., object]:
+    """An operator's implementation, run under launch.transient_scratch: compiled graphs call the
+    operators, and their CUDA-graph trees may run them with allocations going to a graph's pool."""
+    @functools.wraps(fn)
+    def body(*args: object) -> object:
+        with transient_scratch():
+            return fn(*args)
+    return body
+
+
 def _attention_fwd(*args: object) -> tuple[Tensor, ...]:
     """(out, row stats, unit K, 1/||k||, entropy stats): unit K and 1/||k|| are what the backward reads
     under CosScale, and empty without it (an operator cannot return None); the entropy stats are
@@ -140,8 +151,8 @@ def _attention_fwd(*args: object) -> tuple[Tensor, ...]:
     return out, lse, unit_key, key_inv, entropy
 
 
-attention_fwd = torch.library.custom_op("infoscale_triton::attention_fwd", _attention_fwd, mutates_args=(),
-                                        schema=_FWD.schema("(Tensor, Tensor, Tensor, Tensor, Tensor)"))
+attention_fwd = torch.library.custom_op("infoscale_triton::attention_fwd", _operator_body(_attention_fwd),
+                                       mutates_args=(), schema=_FWD.schema("(Tensor, Tensor, Tensor, Tensor, Tensor)"))
 
 
 @attention_fwd.register_fake
@@ -169,8 +180,8 @@ def _attention_bwd(*args: object) -> tuple[Tensor, ...]:
     return dq, dk, dv, dt if dt is not None else query.new_empty(0)
 
 
-attention_bwd = torch.library.custom_op("infoscale_triton::attention_bwd", _attention_bwd, mutates_args=(),
-                                        schema=_BWD.schema("(Tensor, Tensor, Tensor, Tensor)"))
+attention_bwd = torch.library.custom_op("infoscale_triton::attention_bwd", _operator_body(_attention_bwd),
+                                       mutates_args=(), schema=_BWD.schema("(Tensor, Tensor, Tensor, Tensor)"))
 
 
 @attention_bwd.register_fake
@@ -221,8 +232,8 @@ def _decode_fwd(*args: object) -> Tensor:
         return splitkv.decode_forward(query, a["key_cache"], a["value_cache"], p, a["num_splits"])
 
 
-decode_fwd = torch.library.custom_op("infoscale_triton::decode_fwd", _decode_fwd, mutates_args=(),
-                                     schema=_DECODE.schema("Tensor"))
+decode_fwd = torch.library.custom_op("infoscale_triton::decode_fwd", _operator_body(_decode_fwd),
+                                    mutates_args=(), schema=_DECODE.schema("Tensor"))
 
 
 @decode_fwd.register_fake

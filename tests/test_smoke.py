@@ -4,8 +4,8 @@ options at once, forward and backward against the float64 reference.
 On a GPU they are ``gpu`` tests at tile-sized shapes, meant for a cold machine, where compiling the
 kernel variants dominates (``python -m pytest tests -m "gpu and smoke"``, or ``-m smoke``): about 25
 variants, dense forward and backward in bfloat16 (GQA, causal, a string temperature, key padding, a
-window), float16 (a boolean mask, a tensor temperature with its gradient, CosScale, D = 64) and
-float32 (an additive mask, a clipped temperature counted under the mask, D = 256); dropout; packed
+window), float16 (a boolean mask, a tensor temperature with its gradient, CosScale, D = 256) and
+float32 (an additive mask, a clipped temperature counted under the mask, D = 64); dropout; packed
 sequences with the entropy; split-KV decoding with and without the combine. Without a GPU the same
 cases run in Triton's interpreter at small shapes, bfloat16 included.
 """
@@ -46,11 +46,13 @@ DENSE = {
         torch.bfloat16, (2, 8, 2, 1000, 1000, 128, 128), (2, 4, 2, 16, 36, 32, 32),
         dict(is_causal=True, temperature="infoscale", train_len=512, kv_lengths=(1.0, 0.37),
              window=(300, 0))),
-    "fp16-d64-bool-mask-tensor-temperature-cos": (
-        torch.float16, (2, 4, 4, 700, 900, 64, 64), (2, 2, 2, 33, 47, 64, 16),
+    "fp16-d256-bool-mask-tensor-temperature-cos": (
+        torch.float16, (2, 4, 4, 700, 900, 256, 256), (2, 2, 2, 33, 47, 256, 16),
         dict(attn_mask="bool_empty_rows", temperature="tensor_b1l", cos_scale=64.0)),
-    "fp32-d256-causal-additive-mask-logn-clipped": (
-        torch.float32, (1, 4, 2, 513, 777, 256, 256), (1, 2, 1, 20, 30, 256, 32),
+    # float32 at D = 64: exact IEEE float32 dots compile to FMA loops, which ptxas takes ~35 s to build at
+    # D = 64 and ~500 s at D = 256 (benchmarks/ptxas_report.py, sm_90, triton 3.6)
+    "fp32-d64-causal-additive-mask-logn-clipped": (
+        torch.float32, (1, 4, 2, 513, 777, 64, 64), (1, 2, 1, 20, 30, 64, 32),
         dict(is_causal=True, attn_mask="float_b1qk_empty_rows", temperature="logn_clipped", train_len=512)),
 }
 
