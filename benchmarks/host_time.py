@@ -8,6 +8,9 @@ Points (bf16, one process, about a minute on an H200 with compiles):
                    (enable_gqa=True), as benchmarks/bench_decode.py's peer
   dense 256        B=1, H=16, L=256, D=128, causal, no temperature: ours =
                    infoscale_triton.scaled_dot_product_attention; cudnn = SDPA's cuDNN backend
+  decode 4k growing  the decode point with a cache one key longer at every call (a new contiguous cache
+                   each, as transformers' dynamic cache in generate()): every call a new shape; adds
+                   sdpa = F.scaled_dot_product_attention's own backend choice (eager_us, host_us only)
 
 Columns, microseconds per call:
   eager   calls issued back to back between two synchronisations: max(host cost, GPU time) per call,
@@ -60,6 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dense-len", type=int, default=256, help="L of the small dense forward")
     ap.add_argument("--calls", type=int, default=400, help="calls per eager / host measurement")
     ap.add_argument("--stages", action="store_true", help="also split our host time into stages")
+    ap.add_argument("--growing", type=int, default=128,
+                    help="cache lengths of the growing-cache point (from the first --lk on)")
     ap.add_argument("--cpu-stub", action="store_true", help="no GPU: time the host path with no-op launches")
     ap.add_argument("--out", default="results-host-time", help="directory for the JSON")
     return ap.parse_args(argv)
@@ -182,6 +187,54 @@ def measure(point: str, calls: dict[str, list[Fn]], args: argparse.Namespace) ->
     return rows
 
 
+def growing(lk: int, steps: int, device: str, dtype: torch.dtype) -> list[dict]:
+    """Decoding with a growing cache, as generate() with transformers' dynamic cache runs: each call gets a
+    new contiguous cache one key longer (lk, lk + 1, ...), so every call is a new shape (for ours a new
+    launch plan; Triton's compiled kernels are reused). Back-to-back calls (eager_us) and the host alone
+    (host_us), each over ``steps`` lengths never seen before in that round (our per-length plans are
+    dropped between rounds)."""
+    b, hq, hkv, d = 1, 32, 8, 128
+    q = torch.randn(b, hq, 1, d, device=device, dtype=dtype)
+    caches = [(torch.randn(b, hkv, lk + i, d, device=device, dtype=dtype),
+               torch.randn(b, hkv, lk + i, d, device=device, dtype=dtype)) for i in range(steps)]
+    t = {n: row_temperature(torch.tensor([float(n)], dtype=torch.float64), TemperatureSpec.parse("infoscale"),
+                            N_TRAIN, d).to(device=device, dtype=dtype) for n in range(lk, lk + steps)}
+    calls: dict[str, Callable[[int], object]] = {
+        "ours": lambda i: infoscale_triton.decode_attention(q, *caches[i], temperature="infoscale",
+                                                             train_len=N_TRAIN)}
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def cudnn(i: int) -> torch.Tensor:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(q * t[lk + i], *caches[i], enable_gqa=True)
+
+        calls["cudnn"] = cudnn
+        calls["sdpa"] = lambda i: F.scaled_dot_product_attention(q * t[lk + i], *caches[i], enable_gqa=True)
+    rows = []
+    for provider, fn in calls.items():
+        eager, host = [], []
+        for r in range(4):  # round 0: compiles and warms up
+            splitkv._PLANS.plans.clear()
+            _sync()
+            t0 = time.perf_counter()
+            for i in range(steps):
+                fn(i)
+            _sync()
+            eager.append((time.perf_counter() - t0) / steps * 1e6)
+            splitkv._PLANS.plans.clear()
+            times = []
+            for i in range(steps):
+                _sync()
+                t0 = time.perf_counter()
+                fn(i)
+                times.append((time.perf_counter() - t0) * 1e6)
+            host.append(statistics.median(times))
+        rows.append({"point": f"decode {lk // 1024}k growing", "provider": provider,
+                     "eager_us": statistics.median(eager[1:]), "host_us": statistics.median(host[1:])})
+    return rows
+
+
 # --- stages ----------------------------------------------------------------------------------------
 
 def stages(lk: int, device: str, dtype: torch.dtype, calls: int) -> list[dict]:
@@ -272,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += measure(f"decode {lk // 1024}k", decode_calls(lk, device, dtype), args)
             torch.cuda.empty_cache() if gpu else None
         rows += measure(f"dense {args.dense_len}", dense_calls(args.dense_len, device, dtype), args)
+        rows += growing(args.lk[0], args.growing, device, dtype)
         stage_rows = [r for lk in args.lk for r in stages(lk, device, dtype, args.calls)] \
             if args.stages or not gpu else []
     columns = ["eager_us", "bench_us", "host_us", "graph_us"] if gpu else ["host_us"]

@@ -35,6 +35,7 @@ import triton
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.knobs import HookChain
+from triton.runtime.jit import compute_cache_key
 from triton.runtime import _allocation
 from triton.runtime.driver import driver
 
@@ -157,6 +158,8 @@ class Launch:
     def __call__(self, *pointers: torch.Tensor | None) -> None:
         """Launch on the current stream of the plan's device (the caller makes it current)."""
         compiled = self.compiled
+        if compiled is None and self.args_tail is not None and self.device is not None:
+            compiled = self._compiled_before(pointers)
         if compiled is not None and _hooks_idle() and self.knobs == _compile_knobs():
             grid = self.grid
             compiled.run(grid[0], grid[1], grid[2], _get_stream(self.device), compiled.function,
@@ -166,6 +169,26 @@ class Launch:
         if isinstance(result, CompiledKernel) and self.args_tail is not None and self.device is not None:
             current_stream(self.device)  # (binds the stream query)
             self.compiled, self.knobs = result, _compile_knobs()
+
+    def _compiled_before(self, pointers: tuple) -> CompiledKernel | None:
+        """The kernel that Triton compiled for an earlier launch of this variant whose arguments
+        specialise as these do (another plan's: a decoding loop makes a plan per cache length), found
+        the way Triton's own launch finds it (its binder and cache key) but without its launch path;
+        None when there is none yet, or while launch hooks are set."""
+        caches = getattr(self.variant.kernel, "device_caches", None)  # (none under the interpreter)
+        if caches is None or self.device not in caches or not _hooks_idle():
+            return None
+        kernel_cache, key_cache, _target, _backend, binder = caches[self.device]
+        debug, mode = _compile_knobs()
+        kwargs = dict(self.variant.kwargs, debug=self.variant.kwargs.get("debug", self.variant.kernel.debug) or debug,
+                      instrumentation_mode=mode)
+        _bound, specialization, options = binder(*pointers, *self.scalars, **kwargs)
+        compiled = kernel_cache.get(compute_cache_key(key_cache, specialization, options))
+        if not isinstance(compiled, CompiledKernel):
+            return None
+        current_stream(self.device)  # (binds the stream query)
+        self.compiled, self.knobs = compiled, (debug, mode)
+        return compiled
 
 
 def _idle(hook: object) -> bool:

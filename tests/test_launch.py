@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import DEVICE, make_qkv
+from helpers import DEVICE, make_qkv, randn
 from infoscale_triton.kernels.attention_decode import decode_combine_kernel
 from triton import knobs
 from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import CompiledKernel
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+import infoscale_triton
 from infoscale_triton import backward, forward, launch, ops, splitkv, tuning
 from infoscale_triton.validation import Problem, check_inputs
 
@@ -336,3 +337,23 @@ def test_fast_launches_compute_what_jit_launches_compute() -> None:
     for _ in range(3):
         again, lse_again = forward.attention_forward(qd, kd, vd, pd)
         assert torch.equal(again, out) and torch.equal(lse_again, lse)
+
+
+@pytest.mark.gpu
+def test_growing_cache_reuses_compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache one key longer at each call (generate() with a dynamic cache) is a new plan per length.
+    Once Triton has compiled each specialisation (lengths that are multiples of 16 specialise apart, and
+    so do split counts), a new plan finds its kernel without Triton's JITFunction path
+    (Launch._compiled_before) and computes the same bits."""
+    q = randn(1, 32, 1, 128, dtype=torch.bfloat16)
+    full_k, full_v = (randn(1, 8, 1200, 128, dtype=torch.bfloat16) for _ in range(2))
+    caches = [(full_k[:, :, :n].contiguous(), full_v[:, :, :n].contiguous()) for n in range(1100, 1200)]
+    opts: dict[str, Any] = dict(temperature="infoscale", train_len=512)
+    first = [infoscale_triton.decode_attention(q, k, v, **opts) for k, v in caches]  # through Triton's path
+    jit_launches = []
+    real = launch.Variant.launch
+    monkeypatch.setattr(launch.Variant, "launch", lambda self, *a: jit_launches.append(1) or real(self, *a))
+    splitkv._PLANS.plans.clear()
+    for (k, v), want in zip(caches, first):
+        assert torch.equal(infoscale_triton.decode_attention(q, k, v, **opts), want)
+    assert not jit_launches
