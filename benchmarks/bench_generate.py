@@ -211,8 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gpu = harness.on_gpu()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    out = harness.ResultsFile("bench_generate", harness.results_dir(args.out, args.smoke),
-                              harness.metadata(transformers=transformers.__version__, dtype=str(dtype), **settings))
+    meta = harness.metadata(transformers=transformers.__version__, dtype=str(dtype), **settings)
+    out = harness.ResultsFile("bench_generate", harness.results_dir(args.out, args.smoke), meta)
     started = time.perf_counter()
     model = build_model(args, device, dtype)
     ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
@@ -225,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.add(measure_row(model, ids, impl, mode, args, reference))
             r = out.records[-1]
             print(f"  {mode:15s} {impl:15s} prefill {r['prefill_ms']:8.1f} ms  "
-                  f"decode {r['decode_tok_s']:7.1f} tok/s  (warm-up {r['warmup_ms'] / 1e3:.1f} s)", flush=True)
+                  f"decode {r['decode_tok_s']:7.1f} tok/s  (warm-up {r['warmup_ms'] / 1e3:.1f} s)",
+                  flush=True)
     rows = list(out.records)
     small = small_call(device, dtype, args.smoke)
     out.add(*small)
@@ -240,12 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios[f"{r['mode']}/{r['impl']}"] = {"vs_sdpa": vs_sdpa, "vs_ours_off": vs_off}
         err = r.get("first_logits_rel_err")
         same = f"{r['tokens_as_sdpa']}/{r['tokens']}" if "tokens" in r else ""
-        body.append([r["mode"], r["impl"], f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}", f"{vs_sdpa:.3f}",
-                     "" if math.isnan(vs_off) else f"{vs_off:.3f}", same, "" if err is None else f"{err:.1e}"])
+        body.append([r["mode"], r["impl"], f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
+                     f"{vs_sdpa:.3f}", "" if math.isnan(vs_off) else f"{vs_off:.3f}", same,
+                     "" if err is None else f"{err:.1e}"])
     table(["mode", "impl", "prefill ms", "decode tok/s", "vs sdpa", "vs ours", "tokens = sdpa",
            "logits err vs float32"], body, markdown=True,
-          title=f"generate(): {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, "
-                f"prompt {args.prompt}, {args.new} new tokens, {str(dtype).removeprefix('torch.')}, batch 1")
+          title=f"generate(): {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} "
+                f"heads, prompt {args.prompt}, {args.new} new tokens, {str(dtype).removeprefix('torch.')}, "
+                "batch 1")
     if "float32" in reference:
         print(f"float32 reference: top-2 logit gap {top_gap:.2f} standard deviations of the logits")
     print("\nsmall call (dense causal forward, eager, us per call):")
