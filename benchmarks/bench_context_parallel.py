@@ -17,11 +17,14 @@ compiles); TFLOP/s per GPU: 4·H·N²·D/2 per forward (x3.5 forward+backward) o
 memory per GPU: max_memory_allocated during the repetitions, with only that provider's inputs live
 (shards, or the full tensors for one_gpu), and the part above them.
 
---checks first runs benchmarks/cp_check.py's checks. --deadline (seconds from the start) guards the
-whole run: a measurement whose estimated time (from its FLOPs at a conservative rate) does not fit in
-what is left is skipped and recorded as such; the 1M one-GPU forward+backward comes last. Results
-are rewritten to --out after each measurement (bench_context_parallel.json, log.txt), a table at the
-end.
+--checks first runs benchmarks/cp_check.py's checks (tests/cp_checks.py). --deadline (seconds from the
+start) guards the whole run: a measurement whose estimated time (from its FLOPs at a conservative rate)
+does not fit in what is left is skipped and recorded as such; the 1M one-GPU forward+backward comes
+last. Results (the harness, infoscale_triton/cli/harness.py; rank 0 writes): one record per
+measurement in bench_context_parallel_<time>.json / .csv, rewritten after each, the peer checks, the
+markdown table and the targets as summaries, and the printed lines in .log (--checks: cp_check_<time>.*
+too) under --out (default benchmarks/results/; --smoke or no GPU: a temporary directory); the table at
+the end.
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch.distributed as dist
 import torch.nn.functional as F
-from cp_check import SMOKE, TRAIN_LEN, Env, Recorder, add_arguments, all_agree, run_checks, setup
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from cp_checks import TRAIN_LEN, low_dtype, run_checks
 
 import infoscale_triton
+from infoscale_triton.cli import harness
+from infoscale_triton.cli.console import format_markdown
 from infoscale_triton.distributed import context_parallel_attention, shard_sequence
 from infoscale_triton.distributed.layout import global_positions
 from infoscale_triton.temperature import TemperatureSpec, row_temperature
@@ -54,8 +59,7 @@ TARGET_REP_SECONDS = 2.0  # repetitions fill about this much, at least one
 
 
 def flops(n: int, pass_: str, heads: int = HEADS) -> float:
-    forward = 4 * heads * n * n * HEAD_DIM / 2
-    return forward * (3.5 if pass_ == "fwd_bwd" else 1.0)
+    return harness.attention_flops(1, heads, n, n, HEAD_DIM, True, pass_)
 
 
 def global_temperature(n: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
@@ -65,7 +69,7 @@ def global_temperature(n: int, rank: int, world: int, device: torch.device) -> t
     return t.float().view(1, 1, -1, 1)
 
 
-def measure(env: Env, call: Callable[[], object], distributed: bool) -> dict:
+def measure(env: harness.Ranks, call: Callable[[], object], distributed: bool) -> dict:
     """Warm up, then time ``call`` (median of repetitions sized from the warm-up, the same count on
     every rank) and its peak memory."""
     sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
@@ -108,10 +112,7 @@ def measure(env: Env, call: Callable[[], object], distributed: bool) -> dict:
 def fwd_bwd(forward: Callable[..., torch.Tensor], inputs: list[torch.Tensor],
             dout: torch.Tensor) -> Callable[[], None]:
     leaves = [x.detach().requires_grad_(True) for x in inputs]
-
-    def call() -> None:
-        torch.autograd.grad(forward(*leaves), leaves, dout)
-    return call
+    return harness.fwd_bwd(lambda: forward(*leaves), leaves, dout)
 
 
 def fwd(forward: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Callable[[], None]:
@@ -121,7 +122,7 @@ def fwd(forward: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> Cal
     return call
 
 
-def torch_cp(env: Env, mesh: object, n: int,
+def torch_cp(env: harness.Ranks, mesh: object, n: int,
              backend: str) -> tuple[contextlib.AbstractContextManager, Callable[..., torch.Tensor]]:
     """PyTorch's context parallelism on this length: (the context to run in, attention of the shards)."""
     from torch.distributed.tensor.experimental import context_parallel
@@ -142,9 +143,10 @@ def torch_cp(env: Env, mesh: object, n: int,
     return stack, attend
 
 
-def bench(env: Env, rec: Recorder, args: argparse.Namespace) -> None:
+def bench(env: harness.Ranks, out: harness.ResultsFile, args: argparse.Namespace) -> None:
     opts = {"is_causal": True, "temperature": "infoscale", "train_len": TRAIN_LEN}
-    lengths = [128, 256] if env.smoke else [n for n in LENGTHS if n <= args.max_len]
+    dtype = low_dtype()
+    lengths = [128, 256] if not harness.on_gpu() else [n for n in LENGTHS if n <= args.max_len]
     heads = args.heads
     mesh = None
     if env.device.type == "cuda" and args.peer_backends:
@@ -160,31 +162,26 @@ def bench(env: Env, rec: Recorder, args: argparse.Namespace) -> None:
         est = flops(n, pass_, heads) / (GUARD_RATE[pass_] * gpus)
         # warm-up + repetitions filling TARGET_REP_SECONDS (or one) + compile/launch slack
         needed = est * (1 + max(1, TARGET_REP_SECONDS / est)) + 5
-        if not all_agree(env, env.left() > needed + args.reserve):
-            rec.log(f"skip  {provider:12s} {pass_:7s} N={n}: ~{needed:.0f} s needed, {env.left():.0f} s left")
-            rec.record("bench", {"n": n, "provider": provider, "pass": pass_, "skipped": "time"})
+        if not env.agree(env.left() > needed + args.reserve):
+            out.log(f"skip  {provider:12s} {pass_:7s} N={n}: ~{needed:.0f} s needed, {env.left():.0f} s left")
+            out.add({"n": n, "provider": provider, "pass": pass_, "reason": "skipped (time)"})
             return None
-        try:
-            r = measure(env, call, distributed=gpus > 1)
-        except torch.OutOfMemoryError as e:
-            r = {"error": f"out of memory: {str(e)[:200]}"}
-            torch.cuda.empty_cache()
-        except Exception as e:  # noqa: BLE001 -- a peer's failure is a result
-            r = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
-        entry = {"n": n, "provider": provider, "pass": pass_, "gpus": gpus, **r}
-        if "seconds" in r:
+        # out of memory or a peer's failure is a result (the reason), never fatal
+        r, why = harness.attempt(lambda: measure(env, call, distributed=gpus > 1))
+        entry = {"n": n, "provider": provider, "pass": pass_, "gpus": gpus, **(r or {"reason": why})}
+        if r is not None:
             entry["tflops_per_gpu"] = flops(n, pass_, heads) / r["seconds"] / gpus / 1e12
             mem = f"{r['peak_gib']:6.1f} GiB" if "peak_gib" in r else ""
-            rec.log(f"{provider:12s} {pass_:7s} N={n:8d} {r['seconds'] * 1e3:10.1f} ms "
+            out.log(f"{provider:12s} {pass_:7s} N={n:8d} {r['seconds'] * 1e3:10.1f} ms "
                     f"{entry['tflops_per_gpu']:6.1f} TFLOP/s/GPU {mem}")
         else:
-            rec.log(f"{provider:12s} {pass_:7s} N={n:8d} {r['error']}")
-        rec.record("bench", entry)
+            out.log(f"{provider:12s} {pass_:7s} N={n:8d} {why}")
+        out.add(entry)
         return entry
 
     for n in lengths:
         g = torch.Generator(device=env.device).manual_seed(n)
-        full = [torch.randn(1, heads, n, HEAD_DIM, generator=g, device=env.device, dtype=env.dtype)
+        full = [torch.randn(1, heads, n, HEAD_DIM, generator=g, device=env.device, dtype=dtype)
                 for _ in range(4)]  # q, k, v, dout
         if n <= args.one_gpu_max_len:
             run(n, "one_gpu", "fwd", fwd(single, full[:3]), 1)
@@ -207,25 +204,25 @@ def bench(env: Env, rec: Recorder, args: argparse.Namespace) -> None:
                 try:
                     stack, peer = torch_cp(env, mesh, n, backend)
                 except Exception as e:  # noqa: BLE001
-                    rec.log(f"{name}: unavailable: {type(e).__name__}: {e}")
-                    rec.record("bench", {"n": n, "provider": name, "error": f"{type(e).__name__}: {e}"})
+                    out.log(f"{name}: unavailable: {type(e).__name__}: {e}")
+                    out.add({"n": n, "provider": name, "reason": f"{type(e).__name__}: {e}"})
                     continue
                 with stack:
                     if n == lengths[0]:
-                        check_peer(env, rec, name, peer, shards, opts)
+                        check_peer(env, out, name, peer, shards, opts)
                     run(n, name, "fwd", fwd(peer, shards[:3]), env.world)
                     run(n, name, "fwd_bwd", fwd_bwd(peer, shards[:3], shards[3]), env.world)
         del shards
     for n in one_gpu_last:  # the largest one-GPU forward+backward: the most time for the least news
         g = torch.Generator(device=env.device).manual_seed(n)
-        full = [torch.randn(1, heads, n, HEAD_DIM, generator=g, device=env.device, dtype=env.dtype)
+        full = [torch.randn(1, heads, n, HEAD_DIM, generator=g, device=env.device, dtype=dtype)
                 for _ in range(4)]
         run(n, "one_gpu", "fwd_bwd", fwd_bwd(single, full[:3], full[3]), 1)
         del full
 
 
-def check_peer(env: Env, rec: Recorder, name: str, peer: Callable, shards: list[torch.Tensor],
-               opts: dict) -> None:
+def check_peer(env: harness.Ranks, out: harness.ResultsFile, name: str, peer: Callable,
+               shards: list[torch.Tensor], opts: dict) -> None:
     """The peer and the ring must compute the same thing on the same shards (validates the peer's set-up:
     layout and pre-scaled q)."""
     with torch.no_grad():
@@ -234,20 +231,19 @@ def check_peer(env: Env, rec: Recorder, name: str, peer: Callable, shards: list[
     err = torch.stack([(theirs - ours).norm() ** 2, ours.norm() ** 2])
     dist.all_reduce(err)
     rel = (err[0] / err[1]).sqrt().item()
-    rec.log(f"{name} vs ring, same shards: rel. difference {rel:.2e}")
-    rec.record("peer_check", {"provider": name, "rel_difference_vs_ring": rel})
+    out.log(f"{name} vs ring, same shards: rel. difference {rel:.2e}")
+    out.write(peer_checks={**out.summaries.get("peer_checks", {}), name: {"rel_difference_vs_ring": rel}})
 
 
-def summary(rec: Recorder, world: int) -> None:
+def summary(out: harness.ResultsFile, world: int) -> None:
     """The table and the issue's targets, from the records (rank 0)."""
-    rows = [r for r in rec.data.get("bench", []) if "seconds" in r]
+    rows = [r for r in out.records if "seconds" in r]
     if not rows:
         return
     by = {(r["n"], r["provider"], r["pass"]): r for r in rows}
     providers = sorted({r["provider"] for r in rows}, key=lambda p: ("ring", "all_to_all", "one_gpu").index(p)
                        if p in ("ring", "all_to_all", "one_gpu") else 9)
-    lines = ["| N | pass | " + " | ".join(f"{p} ms (TFLOP/s/GPU, GiB/GPU)" for p in providers) + " |",
-             "|---|---|" + "---|" * len(providers)]
+    body = []
     for n in sorted({r["n"] for r in rows}):
         for pass_ in ("fwd", "fwd_bwd"):
             cells = []
@@ -256,9 +252,9 @@ def summary(rec: Recorder, world: int) -> None:
                 cells.append("-" if r is None else f"{r['seconds'] * 1e3:.0f} ({r['tflops_per_gpu']:.0f}, "
                                                    f"{r.get('peak_gib', float('nan')):.1f})")
             size = f"{n // 1024}k" if n >= 1024 else str(n)
-            lines.append(f"| {size} | {pass_} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    rec.log("\n" + table)
+            body.append([size, pass_, *cells])
+    table = format_markdown(["N", "pass", *(f"{p} ms (TFLOP/s/GPU, GiB/GPU)" for p in providers)], body)
+    out.log("\n" + table)
 
     def ratio(a: tuple, b: tuple, key: str = "seconds") -> float | None:
         return by[b][key] / by[a][key] if a in by and b in by else None
@@ -278,13 +274,16 @@ def summary(rec: Recorder, world: int) -> None:
         "1M fwd_bwd runs on the ring": (1048576, "ring", "fwd_bwd") in by,
     }
     for k, v in targets.items():
-        rec.log(f"target: {k}: {v if not isinstance(v, float) else round(v, 3)}")
-    rec.record("summary", {"table": table, "targets": targets})
+        out.log(f"target: {k}: {v if not isinstance(v, float) else round(v, 3)}")
+    out.write(table=table, targets=targets)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results/; --smoke: a temporary directory)")
+    ap.add_argument("--smoke", action="store_true", help="CPU: gloo and the Triton interpreter, tiny sizes")
+    harness.torchrun_arguments(ap, deadline_s=470.0)
     ap.add_argument("--checks", action="store_true", help="run cp_check.py's checks first")
     ap.add_argument("--all-options", action="store_true", help="with --checks: CosScale and kv_lengths too")
     ap.add_argument("--methods", nargs="+", default=["ring"], choices=["ring", "all_to_all"])
@@ -292,20 +291,28 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=max(LENGTHS))
     ap.add_argument("--one-gpu-max-len", type=int, default=max(LENGTHS))
     ap.add_argument("--reserve", type=float, default=10.0, help="seconds kept free at the end")
-    ap.add_argument("--heads", type=int, default=2 if SMOKE else HEADS)
+    ap.add_argument("--heads", type=int, default=None, help=f"default {HEADS}; --smoke or no GPU: 2")
     args = ap.parse_args()
-    env = setup(args)
-    meta = {"world": env.world, "device": str(env.device), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu (smoke)",
-            "heads": args.heads, "head_dim": HEAD_DIM, "train_len": TRAIN_LEN, "dtype": str(env.dtype),
-            "smoke": SMOKE}
+    code = harness.ensure_backend(interpret=args.smoke)
+    if code is not None:
+        return code
+    smoke = not harness.on_gpu()  # --smoke or no GPU: the interpreter, gloo, small sizes
+    if args.heads is None:
+        args.heads = 2 if smoke else HEADS
+    env = harness.init_ranks(args.collective_timeout, args.deadline)
+    out_dir = harness.results_dir(args.out, smoke)
+    meta = harness.metadata(heads=args.heads, head_dim=HEAD_DIM, train_len=TRAIN_LEN, dtype=str(low_dtype()),
+                            smoke=smoke, methods=args.methods, peer_backends=args.peer_backends,
+                            max_len=args.max_len, one_gpu_max_len=args.one_gpu_max_len,
+                            deadline_s=args.deadline, reserve_s=args.reserve)
     ok = True
     if args.checks:
-        ok = run_checks(env, Recorder(env, "cp_check", meta), args.all_options)
-    rec = Recorder(env, "bench_context_parallel", meta)
-    bench(env, rec, args)
+        checks = harness.ResultsFile("cp_check", out_dir, meta, started=env.started)
+        ok = run_checks(env, checks, args.all_options)
+    out = harness.ResultsFile("bench_context_parallel", out_dir, meta, started=env.started)
+    bench(env, out, args)
     if env.rank == 0:
-        summary(rec, env.world)
+        summary(out, env.world)
     if env.device.type == "cuda":
         torch.cuda.synchronize()
     dist.destroy_process_group()

@@ -32,32 +32,31 @@ skips them). --smoke: a 2-layer model with head dim 16 on the CPU, our kernels t
 interpreter, eager and static cache (CPU: no compile), a few tokens: checks that the script runs and
 that ours (float32) generates sdpa's tokens; its timings mean nothing.
 
-Results: a table on stdout and bench_generate_<time>.json under --out (default ./results-generate).
+Results (the harness, infoscale_triton/cli/harness.py: metadata, one record per generate() row and per
+small-call provider, the ratios, the float32 top-2 gap and the run's seconds as summaries): markdown
+tables on stdout and bench_generate_<time>.json / .csv under --out (default benchmarks/results/; --smoke:
+a temporary directory), rewritten after every row.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import math
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-SMOKE = "--smoke" in sys.argv
-if SMOKE or not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import torch.nn.functional as F
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import infoscale_triton
+from infoscale_triton.cli import harness
+from infoscale_triton.cli.console import table
 from infoscale_triton.integrations import transformers as it_hf
 
 IMPLS = ("sdpa", "ours", "ours_infoscale")
@@ -80,7 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU through the interpreter")
-    ap.add_argument("--out", default="results-generate", help="directory for the JSON")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results/; --smoke: a temporary directory)")
     args = ap.parse_args(argv)
     if args.quick:
         args.new, args.repeats = 64, 1
@@ -112,11 +112,6 @@ def set_impl(model: LlamaForCausalLM, impl: str, args: argparse.Namespace) -> No
         it_hf.configure(model.config)
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and not SMOKE:
-        torch.cuda.synchronize()
-
-
 def timed_generate(model: LlamaForCausalLM, ids: torch.Tensor, new: int, mode: str) -> tuple[float, torch.Tensor]:
     """Milliseconds of one greedy generate() and its sequences."""
     kwargs: dict = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "use_cache": True}
@@ -126,12 +121,10 @@ def timed_generate(model: LlamaForCausalLM, ids: torch.Tensor, new: int, mode: s
         kwargs["cache_implementation"] = "static"  # compiled by transformers on CUDA ("static": not compiled)
         if mode == "static":
             kwargs["disable_compile"] = True
-    _sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-    _sync()
-    return (time.perf_counter() - t0) * 1e3, out
+    with torch.no_grad():  # one synchronised wall-clock call
+        out, seconds = harness.first_call(
+            lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs))
+    return seconds * 1e3, out
 
 
 def first_logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
@@ -150,7 +143,7 @@ def measure_row(model: LlamaForCausalLM, ids: torch.Tensor, impl: str, mode: str
     total = statistics.median(ms for ms, _ in runs)
     tokens = runs[0][1][0, ids.shape[1]:]
     logits = first_logits(model, ids) if mode == "eager" else None
-    row = {"impl": impl, "mode": mode, "prefill_ms": prefill, "total_ms": total, "warmup_ms": t_warm,
+    row = {"row": "generate", "impl": impl, "mode": mode, "prefill_ms": prefill, "total_ms": total, "warmup_ms": t_warm,
            "decode_tok_s": (args.new - 1) / ((total - prefill) / 1e3) if total > prefill else float("nan")}
     if logits is not None and "float32" in reference and impl != "ours_infoscale":
         want = reference["float32"]
@@ -201,46 +194,45 @@ def small_call(device: str, dtype: torch.dtype, smoke: bool) -> list[dict]:
         for name, fn in calls.items():
             for s in sets:
                 fn(s)
-            rounds = []
-            for _ in range(1 if smoke else 5):
-                _sync()
-                t0 = time.perf_counter()
-                for i in range(n):
-                    fn(sets[i % len(sets)])
-                _sync()
-                rounds.append((time.perf_counter() - t0) / n * 1e6)
-            rows.append({"provider": name, "us_per_call": statistics.median(rounds)})
+            fns = [functools.partial(fn, s) for s in sets]
+            us = 1e3 * harness.eager_ms(fns, n, rounds=1 if smoke else 5)
+            rows.append({"row": "small_call", "provider": name, "us_per_call": us})
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    gpu = torch.cuda.is_available() and not args.smoke
-    if not gpu and not args.smoke:
+    if not torch.cuda.is_available() and not args.smoke:
         print("no CUDA device: pass --smoke for the CPU check (interpreter, tiny model)", file=sys.stderr)
         return 2
+    code = harness.ensure_backend(interpret=args.smoke)
+    if code is not None:
+        return code
+    gpu = harness.on_gpu()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    meta = harness.metadata(transformers=transformers.__version__, dtype=str(dtype), **settings)
+    out = harness.ResultsFile("bench_generate", harness.results_dir(args.out, args.smoke), meta)
     started = time.perf_counter()
     model = build_model(args, device, dtype)
     ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1)).to(device)
-    rows: list[dict] = []
     reference: dict = {}
     if "eager" in args.modes:
         reference["float32"], top_gap = float32_first_logits(model, ids)
+        out.write(float32_top2_gap=top_gap)
     for mode in args.modes:
         for impl in ["sdpa", *[i for i in args.impls if i != "sdpa"]]:
-            rows.append(measure_row(model, ids, impl, mode, args, reference))
-            print(f"  {mode:15s} {impl:15s} prefill {rows[-1]['prefill_ms']:8.1f} ms  "
-                  f"decode {rows[-1]['decode_tok_s']:7.1f} tok/s  (warm-up {rows[-1]['warmup_ms'] / 1e3:.1f} s)",
+            out.add(measure_row(model, ids, impl, mode, args, reference))
+            r = out.records[-1]
+            print(f"  {mode:15s} {impl:15s} prefill {r['prefill_ms']:8.1f} ms  "
+                  f"decode {r['decode_tok_s']:7.1f} tok/s  (warm-up {r['warmup_ms'] / 1e3:.1f} s)",
                   flush=True)
+    rows = list(out.records)
     small = small_call(device, dtype, args.smoke)
+    out.add(*small)
     elapsed = time.perf_counter() - started
 
-    print(f"\ngenerate(): {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads, prompt "
-          f"{args.prompt}, {args.new} new tokens, {str(dtype).removeprefix('torch.')}, batch 1")
-    print("| mode | impl | prefill ms | decode tok/s | vs sdpa | vs ours | tokens = sdpa | logits err vs float32 |")
-    print("|---|---|---|---|---|---|---|---|")
-    ratios = {}
+    ratios, body = {}, []
     for r in rows:
         base = next((x for x in rows if x["mode"] == r["mode"] and x["impl"] == "sdpa"), None)
         off = next((x for x in rows if x["mode"] == r["mode"] and x["impl"] == "ours"), None)
@@ -249,8 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios[f"{r['mode']}/{r['impl']}"] = {"vs_sdpa": vs_sdpa, "vs_ours_off": vs_off}
         err = r.get("first_logits_rel_err")
         same = f"{r['tokens_as_sdpa']}/{r['tokens']}" if "tokens" in r else ""
-        print(f"| {r['mode']} | {r['impl']} | {r['prefill_ms']:.1f} | {r['decode_tok_s']:.1f} | {vs_sdpa:.3f} | "
-              f"{'' if math.isnan(vs_off) else f'{vs_off:.3f}'} | {same} | {'' if err is None else f'{err:.1e}'} |")
+        body.append([r["mode"], r["impl"], f"{r['prefill_ms']:.1f}", f"{r['decode_tok_s']:.1f}",
+                     f"{vs_sdpa:.3f}", "" if math.isnan(vs_off) else f"{vs_off:.3f}", same,
+                     "" if err is None else f"{err:.1e}"])
+    table(["mode", "impl", "prefill ms", "decode tok/s", "vs sdpa", "vs ours", "tokens = sdpa",
+           "logits err vs float32"], body, markdown=True,
+          title=f"generate(): {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} "
+                f"heads, prompt {args.prompt}, {args.new} new tokens, {str(dtype).removeprefix('torch.')}, "
+                "batch 1")
     if "float32" in reference:
         print(f"float32 reference: top-2 logit gap {top_gap:.2f} standard deviations of the logits")
     print("\nsmall call (dense causal forward, eager, us per call):")
@@ -259,18 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {s['provider']:11s} {s['us_per_call']:7.1f} us   ours / {s['provider']} = "
               f"{ours_us / s['us_per_call']:.2f}")
     print(f"\ntotal {elapsed:.0f} s")
-
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"bench_generate_{stamp}.json"
-    import transformers
-
-    meta = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)", "torch": torch.__version__,
-            "transformers": transformers.__version__, "time": stamp, "args": vars(args), "seconds": elapsed}
-    path.write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios, "small_call": small}, indent=1,
-                               default=str))
-    print(f"wrote {path}")
+    out.write(ratios=ratios, seconds=elapsed)
+    print(f"wrote {out.json_path}, {out.csv_path}")
     if args.smoke:
         # the check the smoke run exists for: in float32 (interpreter) ours generates sdpa's tokens
         bad = [r for r in rows if r["impl"] == "ours" and r["tokens_as_sdpa"] != r["tokens"]]

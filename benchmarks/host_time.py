@@ -26,34 +26,31 @@ Without CUDA, --cpu-stub runs the same calls on CPU tensors through the interpre
 the kernels' launches replaced by no-ops: the Python host path alone (what benchmarks/NOTES.md
 "Host path" reports for this machine), a stage breakdown, and no GPU numbers.
 
-Results: a table on stdout and host_time_<time>.json under --out (default ./results-host-time).
+Results (the harness, infoscale_triton/cli/harness.py: metadata, one record per point and provider and
+per stage, the ours / cudnn ratios as a summary): markdown tables on stdout and host_time_<time>.json /
+.csv under --out (default benchmarks/results/; --cpu-stub runs: a temporary directory).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import functools
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-
-CPU_STUB = "--cpu-stub" in sys.argv
-if CPU_STUB or not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
 import torch.nn.functional as F
 
 import infoscale_triton
 from infoscale_triton import decode, launch, splitkv
+from infoscale_triton.cli import harness, peers
+from infoscale_triton.cli.console import table
 from infoscale_triton.temperature import TemperatureSpec, row_temperature
 
 N_TRAIN = 4096
+BENCH_WARMUP_MS, BENCH_REP_MS = 25, 200  # the "bench" and "graph" columns' do_bench
 Fn = Callable[[], object]
 
 
@@ -66,20 +63,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--growing", type=int, default=128,
                     help="cache lengths of the growing-cache point (from the first --lk on)")
     ap.add_argument("--cpu-stub", action="store_true", help="no GPU: time the host path with no-op launches")
-    ap.add_argument("--out", default="results-host-time", help="directory for the JSON")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results directory (default benchmarks/results/; --cpu-stub: a temporary directory)")
     return ap.parse_args(argv)
 
 
 # --- inputs and calls ------------------------------------------------------------------------------
 
-def _sets_needed(set_bytes: int) -> int:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() and not CPU_STUB else 0
-    return max(2, l2 // max(set_bytes, 1) + 1)
-
-
 def decode_calls(lk: int, device: str, dtype: torch.dtype) -> dict[str, list[Fn]]:
     b, hq, hkv, d = 1, 32, 8, 128
-    n_sets = _sets_needed(2 * b * hkv * lk * d * 2)
+    n_sets = harness.input_sets_needed(2 * b * hkv * lk * d * 2)
     sets = [(torch.randn(b, hq, 1, d, device=device, dtype=dtype), torch.randn(b, hkv, lk, d, device=device, dtype=dtype),
              torch.randn(b, hkv, lk, d, device=device, dtype=dtype)) for _ in range(n_sets)]
     t = row_temperature(torch.tensor([float(lk)], dtype=torch.float64), TemperatureSpec.parse("infoscale"), N_TRAIN,
@@ -113,76 +106,19 @@ def dense_calls(length: int, device: str, dtype: torch.dtype) -> dict[str, list[
     return calls
 
 
-# --- timing ----------------------------------------------------------------------------------------
-
-def _sync() -> None:
-    if torch.cuda.is_available() and not CPU_STUB:
-        torch.cuda.synchronize()
-
-
-def eager_us(fns: list[Fn], calls: int) -> float:
-    """Back-to-back calls between two synchronisations, median of 5 rounds."""
-    rounds = []
-    for _ in range(5):
-        _sync()
-        t0 = time.perf_counter()
-        for i in range(calls):
-            fns[i % len(fns)]()
-        _sync()
-        rounds.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(rounds)
-
-
-def host_us(fns: list[Fn], calls: int) -> float:
-    """One call at a time with the GPU idle before it: the host's own time, median."""
-    times = []
-    for i in range(calls):
-        _sync()
-        t0 = time.perf_counter()
-        fns[i % len(fns)]()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
-
-
-def bench_us(fn: Fn) -> float:
-    import triton.testing
-
-    return 1e3 * float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-
-
-def graph_us(fn: Fn) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return bench_us(graph.replay)
-
-
-def _cycle(fns: list[Fn]) -> Fn:
-    state = {"i": 0}
-
-    def step() -> None:
-        state["i"] += 1
-        fns[state["i"] % len(fns)]()
-    return step
-
+# --- timing (the harness's: microseconds) ---------------------------------------------------------
 
 def measure(point: str, calls: dict[str, list[Fn]], args: argparse.Namespace) -> list[dict]:
     rows = []
-    gpu = torch.cuda.is_available() and not CPU_STUB
     for provider, fns in calls.items():
         for fn in fns:
             fn()  # compile, plans, cuDNN graphs: outside the timing
-        _sync()
-        row = {"point": point, "provider": provider, "host_us": host_us(fns, args.calls),
-               "eager_us": eager_us(fns, args.calls)}
-        if gpu:
-            row["bench_us"] = bench_us(_cycle(fns))
-            row["graph_us"] = graph_us(fns[0])
+        harness.synchronize()
+        row = {"point": point, "provider": provider, "host_us": 1e3 * harness.host_ms(fns, args.calls),
+               "eager_us": 1e3 * harness.eager_ms(fns, args.calls)}
+        if harness.on_gpu():
+            row["bench_us"] = 1e3 * harness.time_ms(fns, BENCH_WARMUP_MS, BENCH_REP_MS)
+            row["graph_us"] = 1e3 * harness.time_ms([peers.graphed(fns[0])], BENCH_WARMUP_MS, BENCH_REP_MS)
         rows.append(row)
     return rows
 
@@ -213,23 +149,13 @@ def growing(lk: int, steps: int, device: str, dtype: torch.dtype) -> list[dict]:
         calls["sdpa"] = lambda i: F.scaled_dot_product_attention(q * t[lk + i], *caches[i], enable_gqa=True)
     rows = []
     for provider, fn in calls.items():
+        fns = [functools.partial(fn, i) for i in range(steps)]  # one call per length, in order
         eager, host = [], []
         for r in range(4):  # round 0: compiles and warms up
             splitkv._PLANS.plans.clear()
-            _sync()
-            t0 = time.perf_counter()
-            for i in range(steps):
-                fn(i)
-            _sync()
-            eager.append((time.perf_counter() - t0) / steps * 1e6)
+            eager.append(1e3 * harness.eager_ms(fns, steps, rounds=1))
             splitkv._PLANS.plans.clear()
-            times = []
-            for i in range(steps):
-                _sync()
-                t0 = time.perf_counter()
-                fn(i)
-                times.append((time.perf_counter() - t0) * 1e6)
-            host.append(statistics.median(times))
+            host.append(1e3 * harness.host_ms(fns, steps))
         rows.append({"point": f"decode {lk // 1024}k growing", "provider": provider,
                      "eager_us": statistics.median(eager[1:]), "host_us": statistics.median(host[1:])})
     return rows
@@ -265,7 +191,8 @@ def stages(lk: int, device: str, dtype: torch.dtype, calls: int) -> list[dict]:
     rows = []
     for name, fn in parts.items():
         fn()
-        rows.append({"point": f"decode {lk // 1024}k", "stage": name, "host_us": host_us([fn], calls)})
+        rows.append({"point": f"decode {lk // 1024}k", "provider": "ours", "stage": name,
+                     "host_us": 1e3 * harness.host_ms([fn], calls)})
     return rows
 
 
@@ -302,34 +229,39 @@ def stub_launches() -> None:
 
 # --- main ------------------------------------------------------------------------------------------
 
-def table(rows: list[dict], columns: Sequence[str]) -> str:
-    lines = ["| point | provider | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
-    for r in rows:
-        cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
-        lines.append(f"| {r['point']} | {r['provider']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def cells(rows: list[dict], columns: Sequence[str]) -> list[list[str]]:
+    return [[r["point"], r["provider"], *(harness.fmt(r.get(c), 1) for c in columns)] for r in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    gpu = torch.cuda.is_available() and not args.cpu_stub
+    if not torch.cuda.is_available() and not args.cpu_stub:
+        print("no CUDA device: pass --cpu-stub to time the host path with no-op launches", file=sys.stderr)
+        return 2
+    code = harness.ensure_backend(interpret=args.cpu_stub)  # --cpu-stub: the interpreter's validation
+    if code is not None:
+        return code
+    gpu = harness.on_gpu()
     if not gpu:
-        if not args.cpu_stub:
-            print("no CUDA device: pass --cpu-stub to time the host path with no-op launches", file=sys.stderr)
-            return 2
         stub_launches()
     device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float16)
-    rows = []
+    meta = harness.metadata(lk=args.lk, dense_len=args.dense_len, calls=args.calls, growing=args.growing,
+                            stages=args.stages, cpu_stub=not gpu, train_len=N_TRAIN, dtype=str(dtype),
+                            bench_warmup_ms=BENCH_WARMUP_MS, bench_rep_ms=BENCH_REP_MS)
+    out = harness.ResultsFile("host_time", harness.results_dir(args.out, smoke=not gpu), meta)
     with torch.no_grad():
         for lk in args.lk:
-            rows += measure(f"decode {lk // 1024}k", decode_calls(lk, device, dtype), args)
+            out.add(*measure(f"decode {lk // 1024}k", decode_calls(lk, device, dtype), args))
             torch.cuda.empty_cache() if gpu else None
-        rows += measure(f"dense {args.dense_len}", dense_calls(args.dense_len, device, dtype), args)
-        rows += growing(args.lk[0], args.growing, device, dtype)
-        stage_rows = [r for lk in args.lk for r in stages(lk, device, dtype, args.calls)] \
-            if args.stages or not gpu else []
+        out.add(*measure(f"dense {args.dense_len}", dense_calls(args.dense_len, device, dtype), args))
+        out.add(*growing(args.lk[0], args.growing, device, dtype))
+        if args.stages or not gpu:
+            for lk in args.lk:
+                out.add(*stages(lk, device, dtype, args.calls))
+    rows = [r for r in out.records if "stage" not in r]
+    stage_rows = [r for r in out.records if "stage" in r]
     columns = ["eager_us", "bench_us", "host_us", "graph_us"] if gpu else ["host_us"]
-    print(table(rows, columns))
+    table(["point", "provider", *columns], cells(rows, columns), markdown=True)
     ratios = {}
     for point in dict.fromkeys(r["point"] for r in rows):
         ours = next(r for r in rows if r["point"] == point and r["provider"] == "ours")
@@ -338,17 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ratios[point] = {c: ours[c] / peer[c] for c in columns if c in ours and c in peer}
             print(f"{point}: ours / cudnn " + ", ".join(f"{c} {v:.2f}" for c, v in ratios[point].items()))
     if stage_rows:
-        print("\n| point | stage | host_us |\n|---|---|---|")
-        for r in stage_rows:
-            print(f"| {r['point']} | {r['stage']} | {r['host_us']:.1f} |")
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out_dir / f"host_time_{stamp}.json"
-    meta = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (stubbed launches)", "torch": torch.__version__,
-            "time": stamp, "cpu_stub": not gpu}
-    path.write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios, "stages": stage_rows}, indent=1))
-    print(f"wrote {path}")
+        table(["point", "stage", "host_us"], [[r["point"], r["stage"], harness.fmt(r["host_us"], 1)]
+                                              for r in stage_rows], markdown=True)
+    out.write(ratios=ratios)
+    print(f"wrote {out.json_path}, {out.csv_path}")
     return 0
 
 

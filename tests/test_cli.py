@@ -8,14 +8,16 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from infoscale_triton.cli import bench, check, harness, plots
+from infoscale_triton.cli import bench, check, console, harness, plots
 from infoscale_triton.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,3 +206,29 @@ def test_results_files(tmp_path: Path) -> None:
     (tmp_path / "other.json").write_text(json.dumps({"environment": {}, "rows": []}))
     with pytest.raises(ValueError, match="not a results file"):
         harness.load_results(tmp_path / "other.json")
+
+
+def test_results_log_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several records at once, a log beside the results (stamped with the seconds since the start), no
+    half-written file left behind, and the markdown table of the scripts that print one."""
+    out = harness.ResultsFile("bench_x", tmp_path, harness.metadata(), started=time.time() - 2)
+    out.add({"point": "a", "us": 1.0}, {"point": "b", "us": 2.0})
+    out.log("measured")
+    assert harness.load_results(out.json_path)[1] == [{"point": "a", "us": 1.0}, {"point": "b", "us": 2.0}]
+    assert re.fullmatch(r"\[\s*2\.\d s\] measured\n", out.log_path.read_text())
+    assert "measured" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [out.json_path.name, out.csv_path.name, out.log_path.name])
+    assert console.format_markdown(["point", "us"], [["a", "1.0"], ["b", "-"]]) == (
+        "| point | us |\n|---|---|\n| a | 1.0 |\n| b | - |")
+
+
+def test_eager_and_host_timing_call_in_turn() -> None:
+    """harness.eager_ms and host_ms cycle over the calls in order, n calls per round."""
+    seen: list[int] = []
+    calls = [lambda i=i: seen.append(i) for i in range(3)]
+    assert harness.eager_ms(calls, 4, rounds=2) >= 0
+    assert seen == [0, 1, 2, 0] * 2
+    seen.clear()
+    assert harness.host_ms(calls, 5) >= 0
+    assert seen == [0, 1, 2, 0, 1]

@@ -1,6 +1,7 @@
 """Terminal output of the command line and the benchmarks: tables and a progress bar drawn by ``rich``
-when it is installed (the ``cli`` extra), plain text otherwise. A GPU image may hold only torch,
-triton and numpy: nothing here may fail for want of ``rich``.
+when it is installed (the ``cli`` extra), plain text otherwise; markdown tables for results meant to be
+pasted into notes. A GPU image may hold only torch, triton and numpy: nothing here may fail for want of
+``rich``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
 
 
+def format_markdown(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table (cells as given: format numbers first)."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|---" * len(headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
 def _numberlike(s: str) -> bool:
     try:
         float(s.rstrip("!x%"))
@@ -51,8 +58,13 @@ def rich_available() -> bool:
     return _console() is not None
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "") -> None:
-    """Print a table: numeric columns right-aligned, a cell "FAIL..." or ending in "!" in red."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str = "",
+          markdown: bool = False) -> None:
+    """Print a table: numeric columns right-aligned, a cell "FAIL..." or ending in "!" in red; with
+    ``markdown``, as plain markdown (:func:`format_markdown`) to paste into notes."""
+    if markdown:
+        print(("\n" + title if title else ""), format_markdown(headers, rows), sep="\n", flush=True)
+        return
     console = _console()
     cells = [[str(c) for c in r] for r in rows]
     if console is None:
