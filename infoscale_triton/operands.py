@@ -86,7 +86,9 @@ def _key_only(mask: torch.Tensor, p: Problem) -> bool:
     """A boolean mask that is the same for every head and query row: key padding, (B, 1, 1, Lk)."""
     if mask.dtype != torch.bool:
         return False
-    return _broadcast_strides(mask, (p.batch, p.heads_q, p.lq, p.lk))[1:3] == (0, 0)
+    strides = _broadcast_strides(mask, (p.batch, p.heads_q, p.lq, p.lk))
+    # a stride along an extent of 1 is never used: transformers' decoding masks are (B, 1, 1, Lk) with Lq = 1
+    return all(stride == 0 or extent == 1 for stride, extent in zip(strides[1:3], (p.heads_q, p.lq)))
 
 
 def _row_key_bounds(p: Problem, kv_lo: torch.Tensor, kv_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from triton.compiler import CompiledKernel
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 import infoscale_triton
-from infoscale_triton import backward, forward, launch, ops, splitkv, tuning
+from infoscale_triton import backward, forward, launch, operands, ops, splitkv, tuning
 from infoscale_triton.validation import Problem, check_inputs
 
 
@@ -357,3 +357,20 @@ def test_growing_cache_reuses_compiled_kernels(monkeypatch: pytest.MonkeyPatch) 
     for (k, v), want in zip(caches, first):
         assert torch.equal(infoscale_triton.decode_attention(q, k, v, **opts), want)
     assert not jit_launches
+
+
+def test_key_only_masks() -> None:
+    """A boolean mask the same for every head and query row takes the key-range path (tiles outside its
+    keys skipped), whatever the stride of an extent of 1: transformers' decoding steps pass a contiguous
+    (B, 1, 1, Lk) mask with Lq = 1. A mask that differs by row does not."""
+    q, k, v = make_qkv(2, 4, 2, 1, 40, 16, 16, torch.float32)
+    mask = torch.ones(2, 1, 1, 40, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :7] = False
+    p = check_inputs(q, k, v, mask, 0.0, False, None, True, None, None, None, kernel=True)
+    assert mask.stride()[1:3] == (40, 40) and operands._key_only(mask, p)
+    q3 = make_qkv(2, 4, 2, 3, 40, 16, 16, torch.float32)[0]
+    p3 = check_inputs(q3, k, v, mask, 0.0, False, None, True, None, None, None, kernel=True)
+    assert operands._key_only(mask, p3)  # broadcast over the 3 rows
+    rows = mask.expand(2, 1, 3, 40).clone()
+    rows[0, 0, 2, 5] = False
+    assert not operands._key_only(rows, dataclasses.replace(p3, attn_mask=rows))
