@@ -62,10 +62,10 @@ from pathlib import Path
 
 import torch
 import triton
+from infoscale_triton.kernels.attention_decode import decode_config
 
 import infoscale_triton
 from infoscale_triton import forward, reference, splitkv, testing, tuning
-from infoscale_triton.kernels.attention_decode import decode_config
 from infoscale_triton.cli import harness, peers
 from infoscale_triton.cli.console import table
 from infoscale_triton.validation import Problem, check_inputs

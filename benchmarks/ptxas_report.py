@@ -14,14 +14,13 @@ import subprocess
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-
 from infoscale_triton.kernels.attention_bwd import (
     attention_bwd_dkdv_kernel,
     attention_bwd_dq_kernel,
     bwd_config,
 )
 from infoscale_triton.kernels.attention_fwd import attention_fwd_kernel, fwd_config
+from triton.backends.compiler import GPUTarget
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 FLOATS = {"scale_log2", "temp_a", "temp_b", "dropout_p", "dropout_scale", "scale"}

@@ -35,9 +35,9 @@ import triton
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.knobs import HookChain
-from triton.runtime.jit import compute_cache_key
 from triton.runtime import _allocation
 from triton.runtime.driver import driver
+from triton.runtime.jit import compute_cache_key
 
 from . import tuning
 from .kernels import primitives

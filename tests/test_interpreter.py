@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 from helpers import DEVICE
-
 from infoscale_triton.kernels.primitives import cast, dot
 
 
