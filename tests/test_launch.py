@@ -38,13 +38,16 @@ _BINDERS: dict[Any, Callable[..., tuple]] = {}
 @pytest.fixture
 def launches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, tuple, list]]]:
     """Record instead of launching: (id of the Launch, its grid, Triton's specialisation of the
-    arguments) per launch."""
+    arguments) per launch. The records are kept alive for the test, so that no id is reused when a plan
+    cache drops its plans (it clears itself when full)."""
     calls: list[tuple[int, tuple, list]] = []
+    alive: list[launch.Launch] = []
 
     def record(self: launch.Launch, *pointers: Any) -> None:
         kernel = self.variant.kernel
         binder = _BINDERS.setdefault(kernel, _binder(kernel))
         _, specialization, _ = binder(*pointers, *self.scalars, **self.variant.kwargs)
+        alive.append(self)
         calls.append((id(self), self.grid, specialization))
 
     monkeypatch.setattr(launch.Launch, "__call__", record)
