@@ -112,10 +112,10 @@ def scaled_dot_product_attention(
     Gradients flow to query, key, value and a tensor ``temperature`` through the fused backward
     kernels (deterministic: no atomics, the same bits on every run). Inference calls that decode (at
     most 16 query rows against at least ``infoscale_triton.tuning``'s ``decode_min_keys`` keys, by
-    default 1: any cache; no attn_mask, window or dropout) run the split-KV kernel of
-    :func:`infoscale_triton.decode_attention`, which splits long caches across the GPU. Any
-    ``attn_mask`` keeps a call on the dense kernel, a (B, 1, 1, Lk) padding mask too (Hugging Face's
-    left-padded batches): the decode kernel takes right padding only, as ``kv_lengths``.
+    default 1: any cache; no window or dropout) run the split-KV kernel of
+    :func:`infoscale_triton.decode_attention`, which splits long caches across the GPU; an
+    ``attn_mask`` there (Hugging Face's padding and static-cache masks) is read as the dense kernel
+    reads it.
     """
     p = check_inputs(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                      temperature, train_len, cos_scale, kernel=True, kv_lengths=kv_lengths, window=window)
@@ -145,6 +145,5 @@ def decodes(p: Problem, key: torch.Tensor, value: torch.Tensor) -> bool:
     # with kv_lengths, causal rows of the decode kernel align to each cache's own length, here to Lk:
     # the two agree for one query row (or without causality) only
     same_rows = p.kv_lengths is None or p.lq == 1 or not p.is_causal
-    return (p.lq <= MAX_QUERY_ROWS and p.lk >= tuning.current().decode_min_keys and p.attn_mask is None
-            and p.window is None and p.dropout_p == 0 and same_rows and key.stride(-1) == 1
-            and value.stride(-1) == 1)
+    return (p.lq <= MAX_QUERY_ROWS and p.lk >= tuning.current().decode_min_keys and p.window is None
+            and p.dropout_p == 0 and same_rows and key.stride(-1) == 1 and value.stride(-1) == 1)

@@ -18,11 +18,12 @@ from .launch import (
     cdiv,
     dummy,
     ensure_allocator,
+    tensor_key,
     tma_ready,
     variant,
     workspace,
 )
-from .operands import launch_options, operand_tensors
+from .operands import Operands, launch_options, operand_tensors
 from .validation import Problem
 
 MAX_QUERY_ROWS = 16  # Lq per sequence: the packed tile rows are GROUP * Lq
@@ -33,7 +34,8 @@ WAVES = 2
 MIN_TILES_PER_SPLIT = 4
 H100_SMS = 132  # stand-in for the interpreter, which has no device to ask
 COMBINE_BLOCK_S = 32
-_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "COS", "DOT_PREC")
+_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "HAS_COUNT", "COS",
+         "MASK_MODE", "DOT_PREC")
 
 _PLANS = PlanCache()
 
@@ -90,7 +92,7 @@ class _Layout:
     tma: bool
     row_blocks: int
     out_strides: tuple
-    operand_strides: tuple  # the temperature tensor's (B, Hq, Lq) broadcast strides
+    operand_strides: tuple  # the Temp, Count (B, Hq, Lq) and Mask (B, Hq, Lq, Lk) broadcast strides
     lengths_stride: int
     temp_a: float
     temp_b: float
@@ -102,8 +104,7 @@ _LAYOUTS = PlanCache(size=64)
 def _layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, out: torch.Tensor | None) -> _Layout:
     device = q.device
     base = dummy(device)
-    # the split kernel reads kv_lengths itself: no key-range tensors
-    opt = launch_options(p, q.dtype, operand_tensors(p, base, key_padding=False))
+    opt = launch_options(p, q.dtype, _operands(p, base))
     meta = {name: opt.meta[name] for name in _META}
     cfg, row_blocks = _split_config(p, meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size())
     tma = cfg.pop("TMA", None)
@@ -113,8 +114,13 @@ def _layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, out: 
     out_strides = (out if out is not None else torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v,
                                                            device="meta")).stride()[:3]
     lengths_stride = p.kv_lengths.stride(0) if p.kv_lengths is not None else base.stride(0)
-    return _Layout(meta, cfg, options, tma, row_blocks, out_strides, opt.strides[:3],
-                   lengths_stride, opt.temp_a, opt.temp_b)
+    return _Layout(meta, cfg, options, tma, row_blocks, out_strides, opt.strides, lengths_stride, opt.temp_a,
+                   opt.temp_b)
+
+
+def _operands(p: Problem, base: torch.Tensor) -> Operands:
+    # the split kernel reads kv_lengths itself: no key-range tensors
+    return operand_tensors(p, base, key_padding=False)
 
 
 def _build(k: torch.Tensor, v: torch.Tensor, q_strides: tuple, p: Problem, num_splits: int | None,
@@ -162,6 +168,7 @@ def decode_forward(
         None if lengths is None else (lengths.dtype, lengths.stride(), lengths.data_ptr() & 15),
         None if temperature is None else (temperature.shape, temperature.stride(), temperature.dtype,
                                           temperature.data_ptr() & 15),
+        tensor_key(p.attn_mask),
         p.is_causal, p.scale, p.temperature, p.train_len, p.cos_scale,
         q.dtype is torch.float32 and torch.backends.cuda.matmul.allow_tf32,
     )
@@ -172,12 +179,16 @@ def decode_forward(
     base = dummy(device)
     if lengths is None:
         lengths = base
-    if temperature is None:
-        temperature = base
+    if p.attn_mask is not None:
+        temperature, count, mask = _operands(p, base).pointers
+    else:
+        count = mask = base
+        if temperature is None:
+            temperature = base
     if plan.combine is None:
-        plan.split(q, k, v, out, base, base, base, lengths, temperature)
+        plan.split(q, k, v, out, base, base, base, lengths, temperature, count, mask)
     else:
         acc, maxima, sums = workspace(plan.workspace, device)
-        plan.split(q, k, v, out, acc, maxima, sums, lengths, temperature)
+        plan.split(q, k, v, out, acc, maxima, sums, lengths, temperature, count, mask)
         plan.combine(acc, maxima, sums, out)
     return out

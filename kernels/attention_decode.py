@@ -16,12 +16,15 @@ Under CosScale the K tiles are normalised here as they are loaded: decoding is m
 dense path's pre-pass over K would read the cache twice.
 
 Causality is bottom-right against the valid length: row i (of Lq) sees keys j <= len_b - Lq + i.
+An attn_mask (scaled_dot_product_attention's decoding calls: Hugging Face's padding and static-cache
+masks) is read per (row, key) in every tile, as the dense kernel reads it; string temperatures then
+take n_i from the host's Count.
 """
 
 import triton
 import triton.language as tl
 
-from .primitives import TEMP_NONE, cast, dot, row_temperature, visible_keys
+from .primitives import LOG2E, MASK_NONE, TEMP_NONE, cast, dot, key_validity, row_temperature, visible_keys
 
 
 @triton.jit
@@ -57,13 +60,15 @@ def _kv_tile(src, start_n, stride_n, key_ok, HEAD: tl.constexpr, BLOCK_D: tl.con
 
 @triton.jit
 def _split_tiles(
-    acc, l_i, m_i, q, rs, k_src, v_src, stride_kn, stride_vn, pos, lo, hi, Lq, len_b,
-    IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+    acc, l_i, m_i, q, rs, k_src, v_src, stride_kn, stride_vn, pos, row_lo, row_hi, mask_rows, stride_mm,
+    stride_mn, lo, hi, Lq, len_b,
+    COS: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
     DOT_PREC: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Online-softmax update of the packed rows over the key tiles [lo, hi). Unmasked tiles lie below
-    every row's causal bound and the valid length; MASKED ones check both per (row, key)."""
+    every row's causal bound and the valid length; MASKED ones check each row's keys [row_lo, row_hi)
+    and the attn_mask (``mask_rows``: each row's (batch, head) base, (BLOCK_M, 1)) per (row, key)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -74,9 +79,10 @@ def _split_tiles(
         if COS:
             s = s * _inv_norm(k)[None, :]
         if MASKED:
-            valid = key_ok[None, :]  # tl.where broadcasts it over the rows
-            if IS_CAUSAL:
-                valid = valid & (offs_n[None, :] <= pos[:, None] + (len_b - Lq))
+            valid, bias = key_validity(pos, offs_n, row_lo, row_hi, Lq, len_b, mask_rows, stride_mm, stride_mn,
+                                       MASK_MODE)
+            if MASK_MODE != MASK_NONE:
+                s = s + bias * LOG2E
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # rows with no visible key yet keep m = -inf; subtract 0 so that exp2 gives 0, not NaN
@@ -96,19 +102,23 @@ def _split_tiles(
 # Lk is not specialised (the dense kernel's note: a constant Lk == 1 miscompiled on the H100).
 @triton.jit(do_not_specialize=["Lk"])
 def decode_split_kernel(
-    Q, K, V, Out, AccWs, MaxWs, SumWs, KvLen, Temp,
+    Q, K, V, Out, AccWs, MaxWs, SumWs, KvLen, Temp, Count, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_tb, stride_th, stride_tm,
+    stride_cb, stride_ch, stride_cm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
     stride_len,
     Hq, Lq, Lk, GROUP, ROW_BLOCKS, NUM_SPLITS, scale_log2, temp_a, temp_b,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
     TEMP_MODE: tl.constexpr,  # none / infoscale / logn / tensor (primitives.TEMP_*)
     CLIP: tl.constexpr,  # max(1, t)
+    HAS_COUNT: tl.constexpr,  # n_i read from Count (attn_mask given) instead of derived from position
     COS: tl.constexpr,  # CosScale: q and K tiles normalised in the kernel
+    MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
     HAS_LENGTHS: tl.constexpr,  # KvLen holds len_b per batch entry (else Lk for all)
     DIRECT: tl.constexpr,  # one split: write the normalised output instead of a partial
     TMA: tl.constexpr,  # K and V through tensor descriptors (16-byte aligned caches)
@@ -134,12 +144,13 @@ def decode_split_kernel(
     q_ptrs = (Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qm
               + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
+    row_lo, row_hi = visible_keys(pos, len_b - Lq, 0, len_b, 0, 0, IS_CAUSAL, False)
     rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
     if TEMP_MODE != TEMP_NONE:
-        # n_i is analytic in the position against len_b (no count tensor)
-        first, end = visible_keys(pos, len_b - Lq, 0, len_b, 0, 0, IS_CAUSAL, False)
-        rs = rs * row_temperature(pos, tl.maximum(end - first, 0), Lq, Temp + b * stride_tb + head * stride_th,
-                                  stride_tm, Temp, 0, temp_a, temp_b, TEMP_MODE, CLIP, False)
+        # without a mask n_i is analytic in the position against len_b
+        rs = rs * row_temperature(pos, tl.maximum(row_hi - row_lo, 0), Lq, Temp + b * stride_tb + head * stride_th,
+                                  stride_tm, Count + b * stride_cb + head * stride_ch, stride_cm, temp_a, temp_b,
+                                  TEMP_MODE, CLIP, HAS_COUNT)
     if COS:
         rs = rs * _inv_norm(q)
 
@@ -163,17 +174,20 @@ def decode_split_kernel(
     vis = len_b
     if IS_CAUSAL:
         vis = tl.maximum(len_b - Lq + 1, 0)
+    if MASK_MODE != MASK_NONE:
+        vis = 0  # an attn_mask can hide any key
     mid = tl.minimum(tl.maximum(vis // BLOCK_N * BLOCK_N, lo), hi)
+    mask_rows = (Mask + b * stride_mb + head * stride_mh)[:, None]
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, l_i, m_i = _split_tiles(acc, l_i, m_i, q, rs, k_src, v_src, stride_kn, stride_vn, pos, lo, mid,
-                                 Lq, len_b, IS_CAUSAL, COS, False, TMA, DOT_PREC, HEAD_D, HEAD_DV,
-                                 BLOCK_D, BLOCK_DV, BLOCK_N)
-    acc, l_i, m_i = _split_tiles(acc, l_i, m_i, q, rs, k_src, v_src, stride_kn, stride_vn, pos, mid, hi,
-                                 Lq, len_b, IS_CAUSAL, COS, True, TMA, DOT_PREC, HEAD_D, HEAD_DV,
-                                 BLOCK_D, BLOCK_DV, BLOCK_N)
+    acc, l_i, m_i = _split_tiles(acc, l_i, m_i, q, rs, k_src, v_src, stride_kn, stride_vn, pos, row_lo, row_hi,
+                                 mask_rows, stride_mm, stride_mn, lo, mid, Lq, len_b, COS, MASK_MODE, False, TMA,
+                                 DOT_PREC, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)
+    acc, l_i, m_i = _split_tiles(acc, l_i, m_i, q, rs, k_src, v_src, stride_kn, stride_vn, pos, row_lo, row_hi,
+                                 mask_rows, stride_mm, stride_mn, mid, hi, Lq, len_b, COS, MASK_MODE, True, TMA,
+                                 DOT_PREC, HEAD_D, HEAD_DV, BLOCK_D, BLOCK_DV, BLOCK_N)
 
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)

@@ -433,11 +433,33 @@ ROUTING = {
     # dense: causal rows align to Lk there, to each cache's own length in decode
     "lq4-lengths-dense": (4, 60, {"kv_lengths": "edge"}, False),
     "lq17-dense": (17, 60, {}, False),
-    "padding-mask-dense": (1, 60, {"attn_mask": "padding"}, False),  # left-padded HF batches
+    "padding-mask": (1, 60, {"attn_mask": "padding"}, True),  # left-padded HF batches
+    "static-cache-mask": (1, 60, {"attn_mask": "static"}, True),  # additive, -inf past each position
+    "row-bool-mask": (4, 60, {"attn_mask": "random_bool"}, True),  # (B, Hq, Lq, Lk), causal on top
+    "row-additive-mask": (3, 60, {"attn_mask": "random_additive", "is_causal": False}, True),
+    "mask-tensor-temperature": (2, 40, {"attn_mask": "random_bool", "temperature": "tensor", "cos_scale": 8.0}, True),
     "window-dense": (1, 60, {"window": (8, 0)}, False),
     "key-last-stride2-dense": (1, 60, {"layout": "last_stride2"}, False),
     "grad-dense": (1, 60, {"grad": True}, False),  # training: the dense path has the backward
 }
+
+
+def decoding_mask(kind: str, b: int, hq: int, lq: int, lk: int) -> torch.Tensor:
+    """ROUTING's masks: "padding" left padding of 0, 5 and 30 keys (B, 1, 1, Lk) boolean; "static" a
+    static cache filled to 20, 41 and Lk keys, additive (0 / -inf); "random_*" (B, Hq, Lq, Lk) with about
+    a quarter of the pairs hidden and one row hiding every key, boolean or additive (random finite
+    biases, -inf where hidden)."""
+    keys = torch.arange(lk, device=DEVICE)
+    if kind == "padding":
+        return (keys >= torch.tensor([0, 5, 30], device=DEVICE)[:, None]).view(b, 1, 1, lk)
+    if kind == "static":
+        filled = keys < torch.tensor([20, 41, lk], device=DEVICE)[:, None]
+        return torch.zeros(b, 1, 1, lk, device=DEVICE).masked_fill(~filled.view(b, 1, 1, lk), float("-inf"))
+    allowed = torch.rand(b, hq, lq, lk, device=DEVICE) > 0.25
+    allowed[0, 1, -1] = False
+    if kind == "random_bool":
+        return allowed
+    return torch.randn(b, hq, lq, lk, device=DEVICE).masked_fill(~allowed, float("-inf"))
 
 
 @pytest.mark.parametrize("lq,lk,options,routed", ROUTING.values(), ids=ROUTING.keys())
@@ -452,9 +474,8 @@ def test_dense_function_routes_decoding(lq: int, lk: int, options: dict[str, Any
     q, k, v = make_qkv(b, hq, 2, lq, lk, 16, 16, torch.float32, layout=("contiguous", layout, "contiguous"))
     if opts.get("kv_lengths") == "edge":
         opts["kv_lengths"] = edge_lengths(b, lk)
-    if opts.get("attn_mask") == "padding":
-        opts["attn_mask"] = (torch.arange(lk, device=DEVICE) >= torch.tensor([0, 5, 30], device=DEVICE)[:, None]
-                             ).view(b, 1, 1, lk)
+    if "attn_mask" in opts:
+        opts["attn_mask"] = decoding_mask(opts["attn_mask"], b, hq, lq, lk)
     if opts["temperature"] == "tensor":
         del opts["train_len"]
         opts.update(make_temperature("tensor_bhl", b, hq, lq))

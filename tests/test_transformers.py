@@ -247,8 +247,7 @@ def test_generate_runs_through_the_decode_kernel(options: dict[str, Any], truth:
                                                  decode_calls: list[tuple[int, int]]) -> None:
     """Greedy generation with a dynamic cache: after the dense prefill, every new token of every layer
     runs the split-KV decode kernel (one query row against the whole cache, however short), with the
-    tokens and scores of ``truth``. A left-padded batch's steps carry a (B, 1, 1, Lk) mask, which the
-    decode kernel does not take (it takes right padding only, as kv_lengths): they stay dense."""
+    tokens and scores of ``truth``; a left-padded batch's steps too, with their (B, 1, 1, Lk) mask."""
     model = tiny_llama()
     it_hf.configure(model.config, **options)
     ids = torch.randint(1, 128, (2, DECODE_PROMPT), generator=torch.Generator().manual_seed(3)).to(DEVICE)
@@ -268,7 +267,7 @@ def test_generate_runs_through_the_decode_kernel(options: dict[str, Any], truth:
         if implementation == NAME:
             ours_calls = list(decode_calls)
     layers = model.config.num_hidden_layers
-    steps = [] if padded else [(1, DECODE_PROMPT + step) for step in range(1, NEW_TOKENS) for _ in range(layers)]
+    steps = [(1, DECODE_PROMPT + step) for step in range(1, NEW_TOKENS) for _ in range(layers)]
     assert ours_calls == steps, f"decode kernel launches (Lq, Lk): {ours_calls}, expected {steps}"
     assert decode_calls == [], f"{truth} ran our decode kernel"
     ours, ref = runs[NAME], runs[truth]
