@@ -355,15 +355,21 @@ def bwd_config(block_d: int, block_dv: int, elsize: int, interpret: bool) -> tup
     if interpret:
         small = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
         return small, small
-    # measured on the H100 at 16k tokens, bf16 (benchmarks/NOTES.md, backward v3)
-    if max(block_d, block_dv) <= 64:
+    # measured on the H100 at 16k tokens and swept again on the H200 at 1k-16k, bf16 (benchmarks/NOTES.md,
+    # backward v3 and "H200 config sweep": the same leaders at D <= 128)
+    width = max(block_d, block_dv)
+    if width <= 64:
         dkdv = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2)
         dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    else:
+    elif width <= 128:
         dkdv = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
         dq = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    if elsize == 4 or max(block_d, block_dv) > 128:
-        # float32 tiles and D = 256 are twice the bytes: smaller streamed blocks fit shared memory
+    else:
+        # D = 256: 8 warps share the dK and dV accumulators (4 warps and one stage ran 3.7x slower)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+        dq = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    if elsize == 4:
+        # float32 tiles are twice the bytes: smaller streamed blocks fit shared memory (H100, untimed here)
         dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1)
         dq = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
     return dkdv, dq

@@ -226,12 +226,13 @@ def _config(block_m, block_n, warps, stages, warp_spec=False):
                          num_warps=warps, num_stages=stages)
 
 
-# Candidates for the H100 by padded head dim, (BLOCK_M, BLOCK_N, warps, stages, warp_specialize),
-# from benchmarks/sweep_configs.py runs (benchmarks/NOTES.md): searched by the opt-in autotuner.
+# Candidates by padded head dim, (BLOCK_M, BLOCK_N, warps, stages, warp_specialize), the leaders of
+# benchmarks/sweep_configs.py runs on the H100 and the H200 (benchmarks/NOTES.md): searched by the
+# opt-in autotuner.
 FWD_CONFIGS = {
-    64: [(64, 128, 4, 2), (64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 3)],
-    128: [(128, 64, 4, 2), (128, 128, 8, 3), (128, 128, 8, 3, True), (64, 64, 4, 3)],
-    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    64: [(64, 64, 4, 2), (128, 128, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3)],
+    128: [(128, 64, 4, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3, True)],
+    256: [(128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
 }
 
 
@@ -261,16 +262,20 @@ def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: boo
     if interpret:
         # small and unequal blocks exercise the tile-boundary and diagonal logic
         return {"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": False, "num_warps": 4, "num_stages": 1}
+    # H200 sweep, bf16, InfoScale, N = 1k-16k (benchmarks/NOTES.md, "H200 config sweep")
     key = _table_key(max(block_d, block_dv))
     if key == 64:
-        bm, bn, warps, stages = (64, 64, 4, 2) if lk <= 2048 else (64, 128, 4, 2)
+        bm, bn, warps, stages = (64, 64, 4, 2) if lk < 8192 else (128, 128, 4, 3)
     elif key == 128:
-        bm, bn, warps, stages = (128, 64, 4, 2) if lk < 8192 else (128, 128, 8, 3)
+        bm, bn, warps, stages = (128, 64, 4, 2)
     else:
-        bm, bn, warps, stages = (64, 64, 4, 2)
+        bm, bn, warps, stages = (128, 64, 8, 2)
     if dropout and key == 64:
         # the keep mask's Philox words: ptxas (sm_90, compiled offline) serialised the wgmma of the 64x128
         # tile; 64x64 compiled clean (untimed)
+        bm, bn, warps, stages = (64, 64, 4, 2)
+    if dropout and key == 256:
+        # the H200 sweep ran without dropout: the keep mask stays on the tile it was checked with
         bm, bn, warps, stages = (64, 64, 4, 2)
     if dropout and key == 128:
         # 128x128 s3 with the keep mask needed 241 KB of shared memory on the H100 (limit 227 KB)
@@ -290,7 +295,7 @@ def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: boo
         else:
             stages = 1
             break
-    warps = 4 if bm * bn < 128 * 128 else warps
+    warps = 4 if bm * bn < 128 * 64 else warps
     if dropout and bm * bn == 128 * 64 and elsize == 2:
         # with the keep mask 4 warps spilled (ptxas, sm_90, offline); 8 halve each thread's share (untimed)
         warps = 8
