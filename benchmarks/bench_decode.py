@@ -110,7 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS, metavar="P",
                     help=f"providers to run (default: all of {' '.join(PROVIDERS)})")
     ap.add_argument("--dtype", choices=list(DTYPES), default=None,
-                    help="default bfloat16 on CUDA, float32 on the CPU interpreter (its bf16 dot is wrong)")
+                    help="default bfloat16 on CUDA, float32 on the CPU interpreter (bfloat16 runs there too, emulated)")
     ap.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms (default 25)")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench measuring time, ms (default 100)")
     ap.add_argument("--copy-mib", type=int, default=1024, help="copy-bandwidth buffer, MiB (default 1024)")

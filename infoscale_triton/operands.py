@@ -147,17 +147,18 @@ class Operands:
     has_kv_range: bool  # KvRange holds per-batch key ranges
 
 
-def operand_tensors(p: Problem, dummy: torch.Tensor, key_padding: bool = True) -> Operands:
+def operand_tensors(p: Problem, dummy: torch.Tensor, key_padding: bool = True, counts: bool = True) -> Operands:
     """The temperature, count and mask pointers and the sequence extent of one call. ``key_padding``:
     whether the kernel takes key padding as ranges (the dense kernels); the decode kernel reads
-    kv_lengths itself."""
+    kv_lengths itself. ``counts``: whether n_i under a mask comes from the host (the dense kernels);
+    the decode kernel counts it itself."""
     device, attn_mask = dummy.device, p.attn_mask
     kv_range, key_counts = _key_padding(p, device) if key_padding and not p.varlen else (None, None)
     temp_t = count_t = mask_t = dummy
     count_strides = (0, 0, 0)
     if p.temperature_tensor is not None:
         temp_t = p.temperature_tensor
-    elif p.temperature is not None:
+    elif p.temperature is not None and counts:
         if key_counts is not None:
             count_t = key_counts.view(p.batch, 1, p.lq)
         elif attn_mask is not None:

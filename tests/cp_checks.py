@@ -25,8 +25,7 @@ TRAIN_LEN = peers.N_TRAIN  # InfoScale's N, as in the anchors' runs
 
 
 def low_dtype() -> torch.dtype:
-    """The inputs' dtype: bf16 on GPUs; float16 through the interpreter, whose bf16 dot is wrong
-    (FIELD-NOTES)."""
+    """The inputs' dtype: bf16 on GPUs; float16 through the interpreter (which emulates bf16: slower)."""
     return torch.bfloat16 if harness.on_gpu() else torch.float16
 
 

@@ -435,6 +435,7 @@ ROUTING = {
     "lq17-dense": (17, 60, {}, False),
     "padding-mask": (1, 60, {"attn_mask": "padding"}, True),  # left-padded HF batches
     "static-cache-mask": (1, 60, {"attn_mask": "static"}, True),  # additive, -inf past each position
+    "long-padding-mask": (2, 300, {"attn_mask": "padding"}, True),  # n_i counted over several key chunks
     "row-bool-mask": (4, 60, {"attn_mask": "random_bool"}, True),  # (B, Hq, Lq, Lk), causal on top
     "row-additive-mask": (3, 60, {"attn_mask": "random_additive", "is_causal": False}, True),
     "mask-tensor-temperature": (2, 40, {"attn_mask": "random_bool", "temperature": "tensor", "cos_scale": 8.0}, True),

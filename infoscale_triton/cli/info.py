@@ -147,7 +147,7 @@ def run_info() -> int:
     cuda = torch.cuda.is_available()
     gpu = harness.on_gpu()
     device = "cuda" if gpu else "cpu"
-    dtype = torch.float16 if gpu else torch.float32  # the interpreter's bf16 dot is wrong
+    dtype = torch.float16 if gpu else torch.float32  # the interpreter emulates bf16 (slower)
     if cuda:
         cap = torch.cuda.get_device_capability(0)
         gpu_row = f"{torch.cuda.get_device_name(0)}, compute capability {cap[0]}.{cap[1]}"

@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the main job's few cases (on a GPU in bfloat16 only: few kernels to compile)")
     chk.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32"],
                      help="default: bfloat16 float16 on a GPU (--quick: bfloat16); float16 float32 on CPU "
-                          "(the interpreter's bf16 dot is wrong)")
+                          "(bfloat16 runs there too, emulated)")
     chk.add_argument("--cases", nargs="+", metavar="TEXT",
                      help="only the cases whose name contains one of these (case-insensitive), e.g. logn")
 

@@ -217,7 +217,7 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------- train and eval
 
 def autocast(device: torch.device) -> torch.autocast:
-    # bf16 on the GPU; float32 on CPU (the interpreter's bf16 is wrong)
+    # bf16 on the GPU; float32 on CPU (the interpreter emulates bf16: slower)
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
