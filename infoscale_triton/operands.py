@@ -136,6 +136,18 @@ def _key_padding(p: Problem, device: torch.device) -> tuple[torch.Tensor | None,
     return torch.cat([lo, hi], 1).to(torch.int32), counts
 
 
+def _mask_counts(p: Problem, device: torch.device) -> torch.Tensor:
+    """n_i under an attn_mask, int32, broadcastable to (B, Hq, Lq). When every row of the mask sees
+    the same key range before the mask (no window, no key padding, not causal or a single row: a
+    decoding step), the mask's own count: one or two small kernels instead of the (Lq, Lk) build."""
+    mask = p.attn_mask
+    if p.window is None and p.kv_lengths is None and (not p.is_causal or p.lq == 1):
+        allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
+        return allowed.sum(-1, dtype=torch.int32)
+    return allowed_keys(mask, p.is_causal, p.lq, p.lk, device, window=p.window,
+                        kv_lengths=p.kv_lengths).sum(-1, dtype=torch.int32)
+
+
 @dataclass(slots=True)
 class Operands:
     """One call's operand tensors (``dummy`` where a feature is off)."""
@@ -147,23 +159,21 @@ class Operands:
     has_kv_range: bool  # KvRange holds per-batch key ranges
 
 
-def operand_tensors(p: Problem, dummy: torch.Tensor, key_padding: bool = True, counts: bool = True) -> Operands:
+def operand_tensors(p: Problem, dummy: torch.Tensor, key_padding: bool = True) -> Operands:
     """The temperature, count and mask pointers and the sequence extent of one call. ``key_padding``:
     whether the kernel takes key padding as ranges (the dense kernels); the decode kernel reads
-    kv_lengths itself. ``counts``: whether n_i under a mask comes from the host (the dense kernels);
-    the decode kernel counts it itself."""
+    kv_lengths itself."""
     device, attn_mask = dummy.device, p.attn_mask
     kv_range, key_counts = _key_padding(p, device) if key_padding and not p.varlen else (None, None)
     temp_t = count_t = mask_t = dummy
     count_strides = (0, 0, 0)
     if p.temperature_tensor is not None:
         temp_t = p.temperature_tensor
-    elif p.temperature is not None and counts:
+    elif p.temperature is not None:
         if key_counts is not None:
             count_t = key_counts.view(p.batch, 1, p.lq)
         elif attn_mask is not None:
-            count_t = allowed_keys(attn_mask, p.is_causal, p.lq, p.lk, device, window=p.window,
-                                   kv_lengths=p.kv_lengths).sum(-1, dtype=torch.int32)
+            count_t = _mask_counts(p, device)
         if count_t is not dummy:
             count_strides = _broadcast_strides(count_t, (p.batch, p.heads_q, p.lq))
     if attn_mask is not None:

@@ -34,8 +34,8 @@ WAVES = 2
 MIN_TILES_PER_SPLIT = 4
 H100_SMS = 132  # stand-in for the interpreter, which has no device to ask
 COMBINE_BLOCK_S = 32
-_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "COS", "MASK_MODE",
-         "DOT_PREC")
+_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "HAS_COUNT", "COS",
+         "MASK_MODE", "DOT_PREC")
 
 _PLANS = PlanCache()
 
@@ -92,7 +92,7 @@ class _Layout:
     tma: bool
     row_blocks: int
     out_strides: tuple
-    operand_strides: tuple  # the Temp (B, Hq, Lq) and Mask (B, Hq, Lq, Lk) broadcast strides
+    operand_strides: tuple  # the Temp, Count (B, Hq, Lq) and Mask (B, Hq, Lq, Lk) broadcast strides
     lengths_stride: int
     temp_a: float
     temp_b: float
@@ -114,14 +114,13 @@ def _layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem, out: 
     out_strides = (out if out is not None else torch.empty(p.batch, p.heads_q, p.lq, p.head_dim_v,
                                                            device="meta")).stride()[:3]
     lengths_stride = p.kv_lengths.stride(0) if p.kv_lengths is not None else base.stride(0)
-    strides = opt.strides[:3] + opt.strides[6:]  # the kernel counts n_i itself: no Count operand
-    return _Layout(meta, cfg, options, tma, row_blocks, out_strides, strides, lengths_stride, opt.temp_a,
+    return _Layout(meta, cfg, options, tma, row_blocks, out_strides, opt.strides, lengths_stride, opt.temp_a,
                    opt.temp_b)
 
 
 def _operands(p: Problem, base: torch.Tensor) -> Operands:
-    # the split kernel reads kv_lengths itself (no key ranges) and counts n_i under a mask itself
-    return operand_tensors(p, base, key_padding=False, counts=False)
+    # the split kernel reads kv_lengths itself: no key-range tensors
+    return operand_tensors(p, base, key_padding=False)
 
 
 def _build(k: torch.Tensor, v: torch.Tensor, q_strides: tuple, p: Problem, num_splits: int | None,
@@ -180,15 +179,16 @@ def decode_forward(
     base = dummy(device)
     if lengths is None:
         lengths = base
-    if temperature is None:
-        temperature = base
-    mask = base
     if p.attn_mask is not None:
-        mask = _operands(p, base).pointers[2]
+        temperature, count, mask = _operands(p, base).pointers
+    else:
+        count = mask = base
+        if temperature is None:
+            temperature = base
     if plan.combine is None:
-        plan.split(q, k, v, out, base, base, base, lengths, temperature, mask)
+        plan.split(q, k, v, out, base, base, base, lengths, temperature, count, mask)
     else:
         acc, maxima, sums = workspace(plan.workspace, device)
-        plan.split(q, k, v, out, acc, maxima, sums, lengths, temperature, mask)
+        plan.split(q, k, v, out, acc, maxima, sums, lengths, temperature, count, mask)
         plan.combine(acc, maxima, sums, out)
     return out

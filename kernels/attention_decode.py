@@ -18,24 +18,13 @@ dense path's pre-pass over K would read the cache twice.
 Causality is bottom-right against the valid length: row i (of Lq) sees keys j <= len_b - Lq + i.
 An attn_mask (scaled_dot_product_attention's decoding calls: Hugging Face's padding and static-cache
 masks) is read per (row, key) in every tile, as the dense kernel reads it; string temperatures then
-count n_i in a pass over the mask rows before the keys (no host work: a count on the host was several
-small kernels per call, more than this pass costs).
+take n_i from the host's Count.
 """
 
 import triton
 import triton.language as tl
 
-from .primitives import (
-    LOG2E,
-    MASK_NONE,
-    TEMP_NONE,
-    TEMP_TENSOR,
-    cast,
-    dot,
-    key_validity,
-    row_temperature,
-    visible_keys,
-)
+from .primitives import LOG2E, MASK_NONE, TEMP_NONE, cast, dot, key_validity, row_temperature, visible_keys
 
 
 @triton.jit
@@ -110,30 +99,16 @@ def _split_tiles(
     return acc, l_i, m_i
 
 
-@triton.jit
-def _count_keys(pos, row_lo, row_hi, Lq, len_b, mask_rows, stride_mm, stride_mn, MASK_MODE: tl.constexpr,
-                BLOCK_M: tl.constexpr):
-    """n_i under an attn_mask: the keys in [row_lo, row_hi) that the mask lets each row see, counted over
-    the whole valid cache (every split needs every row's n_i)."""
-    COUNT_BLOCK: tl.constexpr = 4096 // BLOCK_M
-    n = tl.zeros([BLOCK_M], dtype=tl.int32)
-    for start in tl.range(0, len_b, COUNT_BLOCK):
-        offs = start + tl.arange(0, COUNT_BLOCK)
-        valid, _bias = key_validity(pos, offs, row_lo, row_hi, Lq, len_b, mask_rows, stride_mm, stride_mn,
-                                    MASK_MODE)
-        n += tl.sum(valid.to(tl.int32), 1)
-    return n
-
-
 # Lk is not specialised (the dense kernel's note: a constant Lk == 1 miscompiled on the H100).
 @triton.jit(do_not_specialize=["Lk"])
 def decode_split_kernel(
-    Q, K, V, Out, AccWs, MaxWs, SumWs, KvLen, Temp, Mask,
+    Q, K, V, Out, AccWs, MaxWs, SumWs, KvLen, Temp, Count, Mask,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_tb, stride_th, stride_tm,
+    stride_cb, stride_ch, stride_cm,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_len,
     Hq, Lq, Lk, GROUP, ROW_BLOCKS, NUM_SPLITS, scale_log2, temp_a, temp_b,
@@ -141,6 +116,7 @@ def decode_split_kernel(
     IS_CAUSAL: tl.constexpr,
     TEMP_MODE: tl.constexpr,  # none / infoscale / logn / tensor (primitives.TEMP_*)
     CLIP: tl.constexpr,  # max(1, t)
+    HAS_COUNT: tl.constexpr,  # n_i read from Count (attn_mask given) instead of derived from position
     COS: tl.constexpr,  # CosScale: q and K tiles normalised in the kernel
     MASK_MODE: tl.constexpr,  # none / bool / additive attn_mask
     HAS_LENGTHS: tl.constexpr,  # KvLen holds len_b per batch entry (else Lk for all)
@@ -169,16 +145,12 @@ def decode_split_kernel(
               + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
     row_lo, row_hi = visible_keys(pos, len_b - Lq, 0, len_b, 0, 0, IS_CAUSAL, False)
-    mask_rows = (Mask + b * stride_mb + head * stride_mh)[:, None]
     rs = tl.zeros([BLOCK_M], dtype=tl.float32) + scale_log2
     if TEMP_MODE != TEMP_NONE:
         # without a mask n_i is analytic in the position against len_b
-        n_seen = tl.maximum(row_hi - row_lo, 0)
-        if MASK_MODE != MASK_NONE and TEMP_MODE != TEMP_TENSOR:
-            n_seen = _count_keys(pos, row_lo, row_hi, Lq, len_b, mask_rows, stride_mm, stride_mn, MASK_MODE,
-                                 BLOCK_M)
-        rs = rs * row_temperature(pos, n_seen, Lq, Temp + b * stride_tb + head * stride_th, stride_tm, Temp, 0,
-                                  temp_a, temp_b, TEMP_MODE, CLIP, False)
+        rs = rs * row_temperature(pos, tl.maximum(row_hi - row_lo, 0), Lq, Temp + b * stride_tb + head * stride_th,
+                                  stride_tm, Count + b * stride_cb + head * stride_ch, stride_cm, temp_a, temp_b,
+                                  TEMP_MODE, CLIP, HAS_COUNT)
     if COS:
         rs = rs * _inv_norm(q)
 
@@ -205,6 +177,7 @@ def decode_split_kernel(
     if MASK_MODE != MASK_NONE:
         vis = 0  # an attn_mask can hide any key
     mid = tl.minimum(tl.maximum(vis // BLOCK_N * BLOCK_N, lo), hi)
+    mask_rows = (Mask + b * stride_mb + head * stride_mh)[:, None]
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
