@@ -41,21 +41,22 @@ TOKENS, WIDTH = 16384, 2048  # B * N and H * D of every point (the anchors' grid
 SMALL_N = 512  # --compile-only inputs: lengths are not specialised, so these compile what N does
 
 
-def fwd_candidates(d: int) -> list[dict]:
+def fwd_candidates(d: int, stages: list[int] | None = None, warp_spec: bool = False) -> list[dict]:
     tiles = [(64, 32), (64, 64), (128, 32), (128, 64)] if d > 128 else [(64, 64), (64, 128), (128, 64), (128, 128)]
-    stages = (1, 2, 3) if d > 128 else (2, 3, 4)
-    return [{"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": False, "num_warps": w, "num_stages": s}
+    stages = stages or ((1, 2, 3) if d > 128 else (2, 3, 4))
+    return [{"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPEC": warp_spec, "num_warps": w, "num_stages": s}
             for (bm, bn), w, s in itertools.product(tiles, (4, 8), stages)
             if not (w == 8 and bm * bn < 128 * 64)]
 
 
-def bwd_candidates(d: int, kernel: str) -> list[dict]:
+def bwd_candidates(d: int, kernel: str, stages: list[int] | None = None) -> list[dict]:
     """Block shapes as (resident, streamed) rows of the kernel: dkdv keeps BLOCK_N keys and streams
     BLOCK_M queries, dq the other way round."""
     if d > 128:
-        pairs, stages = [(32, 32), (64, 32), (32, 64), (64, 64)], (1, 2)
+        pairs, default_stages = [(32, 32), (64, 32), (32, 64), (64, 64)], (1, 2)
     else:
-        pairs, stages = [(64, 64), (128, 64), (128, 32), (64, 128), (128, 128)], (2, 3)
+        pairs, default_stages = [(64, 64), (128, 64), (128, 32), (64, 128), (128, 128)], (2, 3)
+    stages = stages or default_stages
     out = []
     for (resident, streamed), w, s in itertools.product(pairs, (4, 8), stages):
         bm, bn = (streamed, resident) if kernel == "dkdv" else (resident, streamed)
@@ -64,7 +65,8 @@ def bwd_candidates(d: int, kernel: str) -> list[dict]:
 
 
 def config_name(cfg: dict) -> str:
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}"
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}w{cfg['num_warps']}s{cfg['num_stages']}" + \
+        ("ws" if cfg.get("WARP_SPEC") else "")
 
 
 def points(a: argparse.Namespace) -> list[tuple]:
@@ -72,9 +74,9 @@ def points(a: argparse.Namespace) -> list[tuple]:
     out = []
     for d, causal, mode in itertools.product(a.d, a.causal, a.modes):
         if a.pass_ == "fwd":
-            out += [(d, causal, mode, "fwd", c) for c in fwd_candidates(d)]
+            out += [(d, causal, mode, "fwd", c) for c in fwd_candidates(d, a.stages, a.warp_spec)]
         else:
-            out += [(d, causal, mode, kernel, c) for kernel in ("dkdv", "dq") for c in bwd_candidates(d, kernel)]
+            out += [(d, causal, mode, kernel, c) for kernel in a.kernels for c in bwd_candidates(d, kernel, a.stages)]
     return out
 
 
@@ -114,6 +116,10 @@ def main() -> int:
     ap.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--causal", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--modes", nargs="+", default=["info"], choices=list(MODES))
+    ap.add_argument("--stages", type=int, nargs="+", default=None, help="num_stages candidates (default per D)")
+    ap.add_argument("--warp-spec", action="store_true", help="forward candidates with tl.range(warp_specialize)")
+    ap.add_argument("--kernels", nargs="+", default=["dkdv", "dq"], choices=("dkdv", "dq"),
+                    help="the backward kernels to vary")
     ap.add_argument("--shard", default="0/1", help="I/N: the I-th of N shares of the configs")
     ap.add_argument("--compile-only", action="store_true")
     ap.add_argument("--warmup", type=float, default=25.0)
