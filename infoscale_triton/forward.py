@@ -97,7 +97,8 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Probl
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == TEMP_TENSOR or p.scale < 0, ENTROPY=with_entropy)
     settings = tuning.current()
     cfg = dict(settings.forward_config or fwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], p.keys, q.element_size(),
-                                                      INTERPRET, dropout=p.dropout_p > 0))
+                                                      INTERPRET, dropout=p.dropout_p > 0,
+                                                      masked=p.attn_mask is not None or p.window is not None))
     options = {name: cfg.pop(name) for name in ("num_warps", "num_stages") if name in cfg}
     grid = (cdiv(p.rows, cfg["BLOCK_M"]), p.heads_q, p.sequences)
     launch = Launch(variant(attention_fwd_kernel, {**meta, **cfg}, options), grid, scalars, q.device)

@@ -255,19 +255,21 @@ def smem_bytes(block_m: int, block_n: int, stages: int, block_d: int, block_dv: 
 
 
 def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: bool,
-               dropout: bool = False) -> dict:
+               dropout: bool = False, masked: bool = False) -> dict:
     """The launch config used without autotuning: the sweep's leader for this head dim and length,
     shrunk until its tiles fit in shared memory (float32 tiles are twice the size).
     (The autotuner's own timings differ run to run by up to 10%, enough to pick a slower config.)"""
     if interpret:
         # small and unequal blocks exercise the tile-boundary and diagonal logic
         return {"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": False, "num_warps": 4, "num_stages": 1}
-    # H200 sweep, bf16, InfoScale, N = 1k-16k (benchmarks/NOTES.md, "H200 config sweep")
+    # H200 sweep, bf16, InfoScale, N = 1k-16k (benchmarks/NOTES.md, "H200 config sweep"). ``masked``
+    # (an attn_mask or a window: many tiles load the mask or compare positions): the large one-warpgroup
+    # tiles spill there (ptxas, sm_90: 1.2 KB at D = 64, 128x128 w4), so those keep smaller or wider ones.
     key = _table_key(max(block_d, block_dv))
     if key == 64:
-        bm, bn, warps, stages = (64, 64, 4, 2) if lk < 8192 else (128, 128, 4, 3)
+        bm, bn, warps, stages = (64, 64, 4, 2) if lk < 8192 or masked else (128, 128, 4, 3)
     elif key == 128:
-        bm, bn, warps, stages = (128, 64, 4, 2)
+        bm, bn, warps, stages = (128, 128, 8, 3) if masked and lk >= 8192 else (128, 64, 4, 2)
     else:
         bm, bn, warps, stages = (128, 64, 8, 2)
     if dropout and key == 64:
