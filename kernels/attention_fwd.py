@@ -263,15 +263,16 @@ def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: boo
         # small and unequal blocks exercise the tile-boundary and diagonal logic
         return {"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": False, "num_warps": 4, "num_stages": 1}
     # H200 sweep, bf16, InfoScale, N = 1k-16k (benchmarks/NOTES.md, "H200 config sweep"). ``masked``
-    # (an attn_mask or a window: many tiles load the mask or compare positions): the large one-warpgroup
-    # tiles spill there (ptxas, sm_90: 1.2 KB at D = 64, 128x128 w4), so those keep smaller or wider ones.
+    # (an attn_mask or a window: many tiles load the mask or compare positions) keeps tiles checked with
+    # masks: the 128x128 one-warpgroup tile spills 1.2 KB there at D = 64 (ptxas, sm_90), and at D = 128
+    # the 128x128 w8 s3 tile asked for 360 KB of shared memory with an additive mask on the H200.
     key = _table_key(max(block_d, block_dv))
     if key == 64:
         bm, bn, warps, stages = (64, 64, 4, 2) if lk < 8192 or masked else (128, 128, 4, 3)
     elif key == 128:
-        bm, bn, warps, stages = (128, 128, 8, 3) if masked and lk >= 8192 else (128, 64, 4, 2)
+        bm, bn, warps, stages = (128, 64, 4, 2)
     else:
-        bm, bn, warps, stages = (128, 64, 8, 2)
+        bm, bn, warps, stages = (64, 64, 4, 2) if masked else (128, 64, 8, 2)
     if dropout and key == 64:
         # the keep mask's Philox words: ptxas (sm_90, compiled offline) serialised the wgmma of the 64x128
         # tile; 64x64 compiled clean (untimed)
