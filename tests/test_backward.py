@@ -422,6 +422,18 @@ def test_backward_is_deterministic(dtype: torch.dtype, b: int, hq: int, hkv: int
 
 
 @gpu
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("masking", ["float_qk", "window"])
+def test_gpu_masked_long_keys(d: int, masking: str) -> None:
+    """8192 keys with an additive mask or a window: the launch configs that masked calls take at long
+    lengths launch (one that asked for 360 KB of shared memory did not) and are right."""
+    q, k, v = make_qkv(1, 2, 2, 128, 8192, d, d, torch.bfloat16)
+    opts: dict[str, Any] = {"is_causal": True, "window": (3000, 0)} if masking == "window" else \
+        {"attn_mask": make_mask(masking, 1, 2, 128, 8192)}
+    check_fused_grads(q, k, v, temperature="infoscale", train_len=512, **opts)
+
+
+@gpu
 @pytest.mark.parametrize("d", [128, 256])
 def test_gpu_backward_repeats_bitwise(d: int) -> None:
     """The default backward 50 times over one graph (bf16, causal, GQA, InfoScale, at the benchmark's
