@@ -266,7 +266,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, p: Problem, seed: Tenso
 
 
 def decode(query: Tensor, key_cache: Tensor, value_cache: Tensor, p: Problem, num_splits: int | None = None) -> Tensor:
-    """The split-KV decode of a validated problem (no attn_mask, window or dropout)."""
+    """The split-KV decode of a validated problem (no window or dropout)."""
     if not _through_operators():
         with on_device(query):
             # (splitkv.decode_forward looked up per call: tests spy on it)

@@ -420,7 +420,7 @@ def test_gpu_offsets_past_2_31() -> None:
 
 # (Lq, Lk, options, routed): what scaled_dot_product_attention sends to the split-KV kernel, whatever
 # the cache length (test_decode_min_keys: the length threshold). "kv_lengths": "edge" lengths 0, 1,
-# Lk..., "attn_mask": "padding" a (B, 1, 1, Lk) boolean mask (Hugging Face's), "layout" the key's,
+# Lk..., "attn_mask" one of decoding_mask's kinds, "layout" the key's,
 # "grad": the query requires grad.
 ROUTING = {
     "lq1-short": (1, 20, {}, True),
