@@ -143,7 +143,8 @@ def _mask_counts(p: Problem, device: torch.device) -> torch.Tensor:
     mask = p.attn_mask
     if p.window is None and p.kv_lengths is None and (not p.is_causal or p.lq == 1):
         allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
-        return allowed.sum(-1, dtype=torch.int32)
+        # a mask broadcast along the keys (last extent 1) counts each of the Lk keys it stands for
+        return allowed.expand(*allowed.shape[:-1], p.lk).sum(-1, dtype=torch.int32)
     return allowed_keys(mask, p.is_causal, p.lq, p.lk, device, window=p.window,
                         kv_lengths=p.kv_lengths).sum(-1, dtype=torch.int32)
 

@@ -8,7 +8,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, DTYPES, FLOOR, check_fused, make_mask, make_qkv, randn, rel_error
+from helpers import (
+    DEVICE,
+    DTYPES,
+    FLOOR,
+    assert_within_budget,
+    check_fused,
+    make_mask,
+    make_qkv,
+    randn,
+    reference_in,
+    rel_error,
+)
 
 import infoscale_triton
 from infoscale_triton import reference
@@ -148,6 +159,22 @@ def test_float_mask_of_neg_inf_counts_like_bool_mask(is_causal: bool, dtype: tor
     with_bool = sdpa(q, k, v, attn_mask=allowed, **opts)
     assert rel_error(sdpa(q, k, v, attn_mask=bias, **opts), with_bool.double()) <= FLOOR[dtype]
     check_fused(q, k, v, attn_mask=bias, **opts)
+
+
+@pytest.mark.parametrize("lq", [1, 20], ids=["decode", "dense"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_mask_broadcast_along_keys_counts_every_key(lq: int, kind: str) -> None:
+    """A mask of extent 1 along the keys stands for all Lk keys of its rows: n_i counts every one (a
+    count over the mask's own last dimension gave 1 and a wrong temperature)."""
+    b, h, lk = 2, 3, 37
+    q, k, v = make_qkv(b, h, h, lq, lk, 32, 32, torch.float32)
+    allowed = torch.rand(b, h, lq, 1, device=DEVICE) > 0.3
+    mask = allowed if kind == "bool" else \
+        torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, float("-inf"))
+    opts = {"attn_mask": mask, "temperature": "infoscale", "train_len": 8}
+    out = infoscale_triton.scaled_dot_product_attention(q, k, v, **opts)
+    assert_within_budget(out, reference_in(torch.float64, q, k, v, **opts),
+                         reference_in(torch.float32, q, k, v, **opts))
 
 
 @dtypes
