@@ -262,27 +262,20 @@ def fwd_config(block_d: int, block_dv: int, lk: int, elsize: int, interpret: boo
     if interpret:
         # small and unequal blocks exercise the tile-boundary and diagonal logic
         return {"BLOCK_M": 32, "BLOCK_N": 16, "WARP_SPEC": False, "num_warps": 4, "num_stages": 1}
-    # H200 sweep, bf16, InfoScale, N = 1k-16k (benchmarks/NOTES.md, "H200 config sweep"). ``masked``
-    # (an attn_mask or a window: many tiles load the mask or compare positions) keeps tiles checked with
-    # masks: the 128x128 one-warpgroup tile spills 1.2 KB there at D = 64 (ptxas, sm_90), and at D = 128
-    # the 128x128 w8 s3 tile asked for 360 KB of shared memory with an additive mask on the H200.
+    # H200 sweep, bf16, InfoScale, N = 1k-16k (benchmarks/NOTES.md, "H200 config sweep"). Calls with a
+    # mask (an attn_mask or a window: many tiles load the mask or compare positions) or dropout's keep
+    # mask keep the tiles checked with them: the 128x128 one-warpgroup tile spills 1.2 KB with a mask at
+    # D = 64 and the keep mask serialised the wgmma of 64x128 (ptxas, sm_90); at D = 128 the 128x128 w8
+    # s3 tile asked for 360 KB of shared memory with an additive mask on the H200 (241 KB with dropout
+    # on the H100).
     key = _table_key(max(block_d, block_dv))
+    checked = masked or dropout
     if key == 64:
-        bm, bn, warps, stages = (64, 64, 4, 2) if lk < 8192 or masked else (128, 128, 4, 3)
+        bm, bn, warps, stages = (64, 64, 4, 2) if lk < 8192 or checked else (128, 128, 4, 3)
     elif key == 128:
         bm, bn, warps, stages = (128, 64, 4, 2)
     else:
-        bm, bn, warps, stages = (64, 64, 4, 2) if masked else (128, 64, 8, 2)
-    if dropout and key == 64:
-        # the keep mask's Philox words: ptxas (sm_90, compiled offline) serialised the wgmma of the 64x128
-        # tile; 64x64 compiled clean (untimed)
-        bm, bn, warps, stages = (64, 64, 4, 2)
-    if dropout and key == 256:
-        # the H200 sweep ran without dropout: the keep mask stays on the tile it was checked with
-        bm, bn, warps, stages = (64, 64, 4, 2)
-    if dropout and key == 128:
-        # 128x128 s3 with the keep mask needed 241 KB of shared memory on the H100 (limit 227 KB)
-        bm, bn, warps, stages = (128, 64, 8, 2)
+        bm, bn, warps, stages = (64, 64, 4, 2) if checked else (128, 64, 8, 2)
     budget = SMEM_BUDGET
     if elsize == 4:
         # exact float32 dots run on the FMA units and stage their operands through shared memory too:
