@@ -10,7 +10,6 @@ import torch
 from . import tuning
 from .kernels.attention_bwd import (
     attention_bwd_dkdv_kernel,
-    attention_bwd_dq_finish_kernel,
     attention_bwd_dq_kernel,
     attention_bwd_prep_kernel,
     bwd_config,
@@ -41,7 +40,6 @@ from .validation import Problem
 
 _PLANS = PlanCache()
 _PREP_BLOCK_M = 64
-_FINISH_BLOCK_M = 64
 # the options each kernel takes from launch_options' constexprs
 _PREP_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "HAS_COUNT", "COS",
               "VARLEN", "HAS_KV_RANGE", "WINDOW")
@@ -59,8 +57,7 @@ def _launch_config(cfg: dict) -> tuple[dict, dict]:
 class _Plan:
     prep: Launch
     dkdv: Launch
-    dq: Launch  # the dQ kernel, or with fused dQ (p.deterministic False) the conversion of its sums
-    dq_width: int  # BLOCK_D: the row length of the fused dQ sums
+    dq: Launch
     copies: tuple[bool, bool, bool, bool]  # q, k, v, dout that TMA cannot read in place
     count_strides: tuple
     operands: Operands | None  # the pointers of every call, when they are all dummies
@@ -92,35 +89,21 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dout: to
     dq_strides = (p.heads_q * p.lq * p.head_dim, p.lq * p.head_dim, p.head_dim)
     dropout = dropout_scalars(p)
     grad_meta = {n: meta[n] for n in _GRAD_META}
-    fused = not p.deterministic
     constexprs, options = _launch_config(dkdv_cfg)
-    # the dQ sums' TMA reduce-add needs a compiled kernel (the interpreter has no TMA reduce)
-    constexprs.setdefault("DQ_TMA", fused and not INTERPRET)
     dkdv = Launch(
-        variant(attention_bwd_dkdv_kernel, {**grad_meta, "FUSED_DQ": fused, "TEMP_GRAD": temp_grad and fused,
-                                            **constexprs}, options),
+        variant(attention_bwd_dkdv_kernel, {**grad_meta, **constexprs}, options),
         (cdiv(p.keys, constexprs["BLOCK_N"]), p.heads_kv, p.sequences),
         (*qkv_strides, *dk_strides, *dv_strides, *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, *dropout,
          *opt.window),
         device)
-    if fused:
-        finish_meta = {"HEAD_D": meta["HEAD_D"], "BLOCK_D": meta["BLOCK_D"], "COS": meta["COS"], "TEMP_GRAD": temp_grad,
-                       "VARLEN": meta["VARLEN"], "HAS_KV_RANGE": meta["HAS_KV_RANGE"], "BLOCK_M": _FINISH_BLOCK_M}
-        dq = Launch(
-            variant(attention_bwd_dq_finish_kernel, finish_meta, {}),
-            (cdiv(p.rows, _FINISH_BLOCK_M), p.heads_q, p.sequences),
-            (q.stride(0), q.stride(1), q.stride(2), *dq_strides, p.heads_q, p.lq, p.lk, p.scale),
-            device)
-    else:
-        constexprs, options = _launch_config(dq_cfg)
-        dq = Launch(
-            variant(attention_bwd_dq_kernel, {**grad_meta, "TEMP_GRAD": temp_grad, **constexprs}, options),
-            (cdiv(p.rows, constexprs["BLOCK_M"]), p.heads_q, p.sequences),
-            (*qkv_strides, *dq_strides, *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, p.scale, *dropout,
-             *opt.window),
-            device)
-    return _Plan(prep, dkdv, dq, meta["BLOCK_D"], copies, operands.count_strides,
-                 None if needs_operand_tensors(p) else operands)
+    constexprs, options = _launch_config(dq_cfg)
+    dq = Launch(
+        variant(attention_bwd_dq_kernel, {**grad_meta, "TEMP_GRAD": temp_grad, **constexprs}, options),
+        (cdiv(p.rows, constexprs["BLOCK_M"]), p.heads_q, p.sequences),
+        (*qkv_strides, *dq_strides, *opt.strides[6:], p.heads_q, p.lq, p.lk, p.group, p.scale, *dropout,
+         *opt.window),
+        device)
+    return _Plan(prep, dkdv, dq, copies, operands.count_strides, None if needs_operand_tensors(p) else operands)
 
 
 def attention_backward(
@@ -177,18 +160,11 @@ def attention_backward(
     dv = alloc(p.batch, p.heads_kv, p.lk, p.head_dim_v, dtype=q.dtype, device=device)
     # packed sequences: tokens past cu_seqlens_q[-1] get no program, and their dt is summed where the
     # temperature broadcasts over tokens
-    fused = not p.deterministic
-    dt = (torch.zeros_like(delta) if p.varlen or fused else torch.empty_like(delta)) if temp_grad else delta
+    dt = (torch.zeros_like(delta) if p.varlen else torch.empty_like(delta)) if temp_grad else delta
     logl = lse[1] if lse.shape[0] == 2 else lse
-    # fused dQ: a_i dQ summed in float32 rows of BLOCK_D (16-byte aligned for the TMA reduce)
-    dq_acc = torch.zeros(p.batch, p.heads_q, p.lq, plan.dq_width, dtype=torch.float32, device=device) if fused \
-        else delta
-    plan.dkdv(q, k, v, do, lse, logl, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, dq_acc,
-              dt, mask_t, seed, *operands.extent)
-    if fused:
-        plan.dq(dq_acc, q, dq, dt, *operands.extent)
-    else:
-        plan.dq(q, k, v, do, lse, logl, delta, row_scale, dq, dt, mask_t, seed, *operands.extent)
+    plan.dkdv(q, k, v, do, lse, logl, delta, row_scale, dk, dv, key_inv if key_inv is not None else delta, mask_t,
+              seed, *operands.extent)
+    plan.dq(q, k, v, do, lse, logl, delta, row_scale, dq, dt, mask_t, seed, *operands.extent)
     if not temp_grad:
         return dq, dk, dv, None
     # the kernel's dt is per (B, Hq, Lq) row; sum it over the dimensions the temperature broadcast

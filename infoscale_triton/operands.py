@@ -241,7 +241,7 @@ def problem_key(p: Problem, dtype: torch.dtype) -> tuple:
     float32 inputs the TF32 switch (launch_options: DOT_PREC)."""
     return (
         p.is_causal, p.scale, p.temperature, p.train_len, p.cos_scale, p.dropout_p, p.window,
-        p.max_seqlen_q, p.max_seqlen_k, p.deterministic,
+        p.max_seqlen_q, p.max_seqlen_k,
         None if p.temperature_tensor is None else tensor_key(p.temperature_tensor),
         None if p.attn_mask is None else tensor_key(p.attn_mask),
         None if p.kv_lengths is None else tensor_key(p.kv_lengths),

@@ -48,8 +48,6 @@ class Problem:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
-    # False: the backward adds dQ with atomics in no fixed order (faster; bits may differ run to run)
-    deterministic: bool = True
 
     @property
     def group(self) -> int:

@@ -106,17 +106,13 @@ def _probs(qk, rs, lse, logl, offs_m, offs_n, lo, hi, lq, lk, mask_ptr, stride_m
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, q_desc, do_desc, lse_ptr, logl_ptr, delta_ptr, rs_ptr, mask_ptr, stride_mm, stride_mn,
-    dq_ptr, dq_desc, dt_ptr,
     n0, offs_n, lo_m, hi_m, lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
     seed, bh, dropout_p, dropout_scale,
     IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK_MODE: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-    TEMP_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Accumulate one key block's dK, dV over the query blocks [lo_m, hi_m) of one head; with FUSED_DQ
-    also add each query block's share of a_i dQ (and of the temperature's row sums) to float32
-    buffers, unordered. (Computing in the transposed orientation, keys as rows, measured 5-20% slower
-    on the H100: benchmarks/NOTES.md.)"""
+    """Accumulate one key block's dK, dV over the query blocks [lo_m, hi_m) of one head. (Computing in
+    the transposed orientation, keys as rows, measured 5-20% slower on the H100: benchmarks/NOTES.md.)"""
     for m0 in range(lo_m, hi_m, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -145,27 +141,14 @@ def _dkdv_tiles(
         dp = dot(do, v.T, None, DOT_PREC)
         if DROPOUT:
             dp = tl.where(keep, dp * dropout_scale, 0.0)
-        if FUSED_DQ:
-            ds = p * (dp - delta[:, None])
-            if TEMP_GRAD:
-                tl.atomic_add(dt_ptr + offs_m, tl.sum(ds * qk, 1), mask=row_ok, sem="relaxed")
-            ds = ds * (rs * INV_LOG2E)[:, None]
-        else:
-            ds = p * (dp - delta[:, None]) * (rs * INV_LOG2E)[:, None]
+        ds = p * (dp - delta[:, None]) * (rs * INV_LOG2E)[:, None]
         dk = dot(cast(ds.T, q.dtype), q, dk, DOT_PREC)
-        if FUSED_DQ:
-            dq = dot(cast(ds, k.dtype), k, None, DOT_PREC)
-            if DQ_TMA:
-                dq_desc.atomic_add([m0, 0], dq)  # a TMA reduce: added in L2, from shared memory
-            else:
-                tl.atomic_add(dq_ptr + offs_m[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], dq,
-                              mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "win_left", "win_right"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, LogL, Delta, RowScale, DK, DV, KInv, DQAcc, DTAcc, Mask, Seed, CuQ, CuK, KvRange,
+    Q, K, V, DOut, Lse, LogL, Delta, RowScale, DK, DV, KInv, Mask, Seed, CuQ, CuK, KvRange,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_mb, stride_mh, stride_mm, stride_mn,
@@ -173,14 +156,11 @@ def attention_bwd_dkdv_kernel(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, COS: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
     DROPOUT: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr, WINDOW: tl.constexpr,
-    FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr, TEMP_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per (key block, kv head, batch): dK and dV summed over every query head of the
-    group (GQA) and every query block that sees the keys, in a fixed order (the same bits on every
-    run). With FUSED_DQ it also adds a_i dQ_i into DQAcc (float32, rows of BLOCK_D) and the
-    temperature's unscaled row sums into DTAcc with atomics, in no fixed order: five tile matmuls
-    instead of the two kernels' seven; attention_bwd_dq_finish_kernel converts."""
+    group (GQA) and every query block that sees the keys, in a fixed order: no atomics, and the same
+    bits on every run."""
     n0 = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
     hk64 = hk.to(tl.int64)
@@ -218,31 +198,23 @@ def attention_bwd_dkdv_kernel(
         row = (bq * Hq + h64) * Lq + q_rows
         mask_ptr = Mask + bq * stride_mb + h64 * stride_mh
         bh = b * Hq + h64
-        dq_ptr = DQAcc + row * BLOCK_D
-        dq_desc = dq_ptr
-        if DQ_TMA:
-            dq_desc = tl.make_tensor_descriptor(dq_ptr, shape=[tl.maximum(lq, 1), BLOCK_D], strides=[BLOCK_D, 1],
-                                                block_shape=[BLOCK_M, BLOCK_D])
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
-                             RowScale + row, mask_ptr, stride_mm, stride_mn, dq_ptr, dq_desc, DTAcc + row, n0, offs_n, start, full_lo,
+                             RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, start, full_lo,
                              lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, FUSED_DQ, DQ_TMA, TEMP_GRAD,
-                             BLOCK_M, BLOCK_N, BLOCK_D)
+                             IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
-                             RowScale + row, mask_ptr, stride_mm, stride_mn, dq_ptr, dq_desc, DTAcc + row, n0, offs_n, full_lo, full_hi,
+                             RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, full_lo, full_hi,
                              lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                              seed, bh, dropout_p, dropout_scale,
-                             IS_CAUSAL, WINDOW, MASK_MODE, False, DOT_PREC, DROPOUT, FUSED_DQ, DQ_TMA, TEMP_GRAD,
-                             BLOCK_M, BLOCK_N, BLOCK_D)
+                             IS_CAUSAL, WINDOW, MASK_MODE, False, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
         if WINDOW:
             # only a window hides a key block from the last rows
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_desc, do_desc, Lse + row, LogL + row, Delta + row,
-                                 RowScale + row, mask_ptr, stride_mm, stride_mn, dq_ptr, dq_desc, DTAcc + row, n0, offs_n, full_hi, end,
+                                 RowScale + row, mask_ptr, stride_mm, stride_mn, n0, offs_n, full_hi, end,
                                  lq, lk, shift, kv_lo, kv_hi, win_left, win_right,
                                  seed, bh, dropout_p, dropout_scale,
-                                 IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, FUSED_DQ, DQ_TMA, TEMP_GRAD,
-                             BLOCK_M, BLOCK_N, BLOCK_D)
+                                 IS_CAUSAL, WINDOW, MASK_MODE, True, DOT_PREC, DROPOUT, BLOCK_M, BLOCK_N)
     if DROPOUT:
         dv = dv * dropout_scale
     if COS:
@@ -358,58 +330,23 @@ def attention_bwd_dq_kernel(
     g, dt = _dq_tiles(g, dt, q, do, rs, lse, logl, delta, k_desc, v_desc, mask_ptr, stride_mm, stride_mn,
                       offs_m, lo, hi, full_hi, end, lq, lk, seed, bh, dropout_p, dropout_scale,
                       MASK_MODE, True, DOT_PREC, TEMP_GRAD, DROPOUT, BLOCK_N)
-    g = (rs * INV_LOG2E)[:, None] * g
-    _dq_epilogue(g, dt, q, DQ + bq * stride_dqb + h64 * stride_dqh, stride_dqm, DT + row, q_rows, offs_m, row_ok,
-                 scale, HEAD_D, BLOCK_D, COS, TEMP_GRAD)
-
-
-@triton.jit
-def _dq_epilogue(g, dt, q, dq_ptr, stride_dqm, dt_ptr, q_rows, offs_m, row_ok, scale,
-                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, COS: tl.constexpr, TEMP_GRAD: tl.constexpr):
-    """Store dQ from g = a_i sum_j dZ_ij k_j, and dL/dt_i from the row sums dt_i = sum_j dZ_ij (q_i . k_j)."""
-    base = tl.zeros_like(dt) + scale  # a_i / t_i
+    a = rs * INV_LOG2E
+    base = tl.zeros([BLOCK_M], dtype=tl.float32) + scale  # a_i / t_i
     if COS:
-        # chain through q_hat = q / ||q||: dq = g - q (q . g) / ||q||^2
+        # chain through q_hat = q / ||q||: dq = a (g - q (q . g) / ||q||^2)
         qf = q.to(tl.float32)
         sq = tl.sum(qf * qf, 1)
         qinv = tl.where(sq > 0, 1.0 / tl.sqrt(tl.maximum(sq, 1e-30)), 0.0)
-        g = g - qf * (tl.sum(qf * g, 1) * qinv * qinv)[:, None]
+        dq = a[:, None] * (g - qf * (tl.sum(qf * g, 1) * qinv * qinv)[:, None])
         base = base * qinv
+    else:
+        dq = a[:, None] * g
     offs_d = tl.arange(0, BLOCK_D)
     rows = q_rows + offs_m[:, None].to(tl.int64)
-    tl.store(dq_ptr + rows * stride_dqm + offs_d[None, :], cast(g, dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
+    tl.store(DQ + bq * stride_dqb + h64 * stride_dqh + rows * stride_dqm + offs_d[None, :],
+             cast(dq, DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D))
     if TEMP_GRAD:
-        tl.store(dt_ptr + offs_m, dt * base, mask=row_ok)
-
-
-@triton.jit(do_not_specialize=["Lq", "Lk"])
-def attention_bwd_dq_finish_kernel(
-    DQAcc, Q, DQ, DT, CuQ, CuK, KvRange,
-    stride_qb, stride_qh, stride_qm, stride_dqb, stride_dqh, stride_dqm,
-    Hq, Lq, Lk, scale,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, COS: tl.constexpr, TEMP_GRAD: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_KV_RANGE: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """dQ in its dtype and dL/dt_i (in place in DT) from the fused dK/dV kernel's float32 sums."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h64 = tl.program_id(1).to(tl.int64)
-    bq, q_start, lq, k_start, lk, kv_lo, kv_hi = batch_extent(tl.program_id(2), Lq, Lk, CuQ, CuK, KvRange,
-                                                              VARLEN, HAS_KV_RANGE)
-    q_rows = q_start.to(tl.int64)
-    row_ok = offs_m < lq
-    row = (bq * Hq + h64) * Lq + q_rows
-    offs_d = tl.arange(0, BLOCK_D)
-    g = tl.load(DQAcc + (row + offs_m)[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    q = g
-    if COS:
-        q = tl.load(Q + bq * stride_qb + h64 * stride_qh + (q_rows + offs_m[:, None]) * stride_qm + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_D), other=0.0)
-    dt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if TEMP_GRAD:
-        dt = tl.load(DT + row + offs_m, mask=row_ok, other=0.0)
-    _dq_epilogue(g, dt, q, DQ + bq * stride_dqb + h64 * stride_dqh, stride_dqm, DT + row, q_rows, offs_m, row_ok,
-                 scale, HEAD_D, BLOCK_D, COS, TEMP_GRAD)
+        tl.store(DT + row + offs_m, dt * base, mask=row_ok)
 
 
 def bwd_config(block_d: int, block_dv: int, elsize: int, interpret: bool) -> tuple[dict, dict]:
