@@ -8,15 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from . import tuning
-from .kernels.attention_bwd import (
-    attention_bwd_dkdv_kernel,
-    attention_bwd_dq_kernel,
-    attention_bwd_prep_kernel,
-    bwd_config,
-)
+from .kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel, bwd_config
 from .launch import (
     INTERPRET,
-    LOG2E,
     Launch,
     PlanCache,
     cdiv,
@@ -36,13 +30,11 @@ from .operands import (
     operand_tensors,
     problem_key,
 )
+from .rows import rows_launch
 from .validation import Problem
 
 _PLANS = PlanCache()
-_PREP_BLOCK_M = 64
-# the options each kernel takes from launch_options' constexprs
-_PREP_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "HAS_COUNT", "COS",
-              "VARLEN", "HAS_KV_RANGE", "WINDOW")
+# the options the gradient kernels take from launch_options' constexprs
 _GRAD_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "COS", "MASK_MODE", "DOT_PREC", "DROPOUT",
               "VARLEN", "HAS_KV_RANGE", "WINDOW")
 
@@ -72,13 +64,7 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dout: to
     operands = operand_tensors(p, dummy(device))
     opt = launch_options(p, q.dtype, operands)
     meta = opt.meta
-    prep = Launch(
-        variant(attention_bwd_prep_kernel, {**{n: meta[n] for n in _PREP_META}, "BLOCK_M": _PREP_BLOCK_M}, {}),
-        (cdiv(p.rows, _PREP_BLOCK_M), p.heads_q, p.sequences),
-        (out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-         q.stride(0), q.stride(1), q.stride(2), *opt.strides[:6],
-         p.heads_q, p.lq, p.lk, p.scale * LOG2E, opt.temp_a, opt.temp_b, *opt.window),
-        device)
+    prep = rows_launch(p, opt, q, out, do)
     overrides = tuning.current().backward_configs
     dkdv_cfg, dq_cfg = overrides or bwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size(), INTERPRET)
     qkv_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -3,12 +3,14 @@ the launch through the launch layer."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from . import tuning
 from .kernels.attention_fwd import attention_fwd_autotuned, attention_fwd_kernel, fwd_config
+from .kernels import attention_fwd_hopper as hopper
 from .launch import (
     INTERPRET,
     LOG2E,
@@ -21,6 +23,7 @@ from .launch import (
     tma_operand,
     tma_ready,
     variant,
+    workspace,
 )
 from .operands import (
     TEMP_TENSOR,
@@ -33,6 +36,7 @@ from .operands import (
     operand_tensors,
     problem_key,
 )
+from .rows import rows_launch
 from .validation import Problem
 
 # Launch configs come from a table measured on the H100 (kernels/attention_fwd.py: fwd_config), or the
@@ -70,13 +74,30 @@ def new_entropy_stats(p: Problem, device: torch.device) -> torch.Tensor:
     return alloc(2, p.batch, p.heads_q, p.lq, dtype=torch.float32, device=device)
 
 
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def hopper_forward(p: Problem, dtype: torch.dtype, device: torch.device, with_entropy: bool) -> bool:
+    """Whether this forward takes the Gluon kernel of kernels/attention_fwd_hopper.py: on sm_90, for
+    what it covers and where it measured faster than the Triton kernel (benchmarks/NOTES.md, "Gluon
+    forward": D = 128; at D = 64 it ran 0.93x)."""
+    settings = tuning.current()
+    return (not INTERPRET and device.type == "cuda" and settings.hopper_forward and settings.forward_config is None
+            and dtype in (torch.float16, torch.bfloat16) and p.head_dim == p.head_dim_v == 128
+            and p.attn_mask is None and p.window is None and p.kv_lengths is None and not p.varlen
+            and p.dropout_p == 0 and not with_entropy and _is_sm90(device.index))
+
+
 @dataclass(slots=True)
 class _Plan:
-    launch: Launch  # the table's config (or tuning's forward_config)
+    launch: Launch  # the table's config (or tuning's forward_config), or the Hopper kernel
     autotuned: tuple | None  # (grid function, constexprs, scalars) when the autotuner serves eager calls
     copies: tuple[bool, bool, bool]  # q, k, v that TMA cannot read in place (copied per call)
     count_strides: tuple  # the count operand's strides (a fixed function of the shapes)
     operands: Operands | None  # the pointers of every call, when they are all dummies
+    rows: Launch | None  # the Hopper kernel's row pre-pass (its row scales), None for the Triton kernel
 
 
 def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Problem, out: torch.Tensor | None,
@@ -94,6 +115,15 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Probl
         p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b, *dropout_scalars(p),
         *opt.window, _bucket(p.rows), _bucket(p.keys),
     )
+    operands_kept = None if needs_operand_tensors(p) else operands
+    if hopper_forward(p, q.dtype, q.device, with_entropy):
+        constexprs = {"HEAD_D": p.head_dim, "IS_CAUSAL": p.is_causal, "BLOCK_N": hopper.BLOCK_N,
+                      "STAGES": hopper.STAGES}
+        launch = Launch(
+            variant(hopper.attention_fwd_hopper_kernel, constexprs, {"num_warps": hopper.PRODUCER_WARPS}),
+            (cdiv(p.lq, hopper.ROWS), p.heads_q, p.batch),
+            (*scalars[:12], p.heads_q, p.lq, p.lk, p.group), q.device)
+        return _Plan(launch, None, copies, operands.count_strides, operands_kept, rows_launch(p, opt, q))
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == TEMP_TENSOR or p.scale < 0, ENTROPY=with_entropy)
     settings = tuning.current()
     cfg = dict(settings.forward_config or fwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], p.keys, q.element_size(),
@@ -110,8 +140,7 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Probl
             return cdiv(rows, c["BLOCK_M"]), heads, sequences
 
         autotuned = (autotune_grid, meta, scalars)
-    return _Plan(launch, autotuned, copies, operands.count_strides,
-                 None if needs_operand_tensors(p) else operands)
+    return _Plan(launch, autotuned, copies, operands.count_strides, operands_kept, None)
 
 
 def attention_forward(
@@ -150,6 +179,12 @@ def attention_forward(
         operands = operand_tensors(p, base)
         if operands.count_strides != plan.count_strides:
             raise RuntimeError("internal error: the count operand's strides differ from the launch plan's")
+    if plan.rows is not None:
+        row_scale = workspace((p.batch * p.heads_q * p.lq,), device)[0]
+        temp_t, count_t, _mask = operands.pointers
+        plan.rows(base, base, query, base, row_scale, temp_t, count_t, *operands.extent)
+        plan.launch(query, key, value, out, lse, row_scale)
+        return out, lse
     stats = (entropy[0], entropy[1]) if entropy is not None else (base, base)
     pointers = (query, key, value, out, lse, lse[1] if lse.shape[0] == 2 else lse, *operands.pointers,
                 dropout_seed(p, seed, base), *operands.extent, *stats)

@@ -26,6 +26,9 @@ setting                  meaning
 ``decode_min_keys``      inference calls of ``scaled_dot_product_attention`` with at most 16 query
                          rows use the split-KV decode kernel from this many keys on (1: always;
                          benchmarks/NOTES.md, "Short caches")
+``hopper_forward``       on sm_90, the forward calls that kernels/attention_fwd_hopper.py covers
+                         take that Gluon kernel (forward.py: hopper_forward; False: always
+                         the Triton kernel)
 ``operators_in_eager``   route eager calls through the ``torch.ops.infoscale_triton`` operators
                          too (they cost host time; by default only torch.compile uses them)
 =======================  ======================================================================
@@ -52,6 +55,7 @@ class Tuning:
     backward_configs: tuple[dict, dict] | None = None
     decode_config: dict | None = None
     decode_min_keys: int = 1
+    hopper_forward: bool = True
     operators_in_eager: bool = False
 
 
