@@ -82,9 +82,10 @@ def _is_sm90(device_index: int) -> bool:
 def hopper_forward(p: Problem, dtype: torch.dtype, device: torch.device, with_entropy: bool) -> bool:
     """Whether this forward takes the Gluon kernel of kernels/attention_fwd_hopper.py: on sm_90, for
     what it covers and where it measured faster than the Triton kernel (benchmarks/NOTES.md, "Gluon
-    forward": D = 128; at D = 64 it ran 0.93x)."""
+    forward": D = 128 from 4k tokens; at D = 64 and at 1k tokens it ran slower)."""
     settings = tuning.current()
     return (not INTERPRET and device.type == "cuda" and settings.hopper_forward and settings.forward_config is None
+            and min(p.lq, p.lk) >= settings.hopper_min_len
             and dtype in (torch.float16, torch.bfloat16) and p.head_dim == p.head_dim_v == 128
             and p.attn_mask is None and p.window is None and p.kv_lengths is None and not p.varlen
             and p.dropout_p == 0 and not with_entropy and _is_sm90(device.index))

@@ -28,7 +28,9 @@ setting                  meaning
                          benchmarks/NOTES.md, "Short caches")
 ``hopper_forward``       on sm_90, the forward calls that kernels/attention_fwd_hopper.py covers
                          take that Gluon kernel (forward.py: hopper_forward; False: always
-                         the Triton kernel)
+                         the Triton kernel) ...
+``hopper_min_len``       ... when Lq and Lk are both at least this long (at 1k tokens it measured
+                         slower than the Triton kernel, from 4k faster: benchmarks/NOTES.md)
 ``operators_in_eager``   route eager calls through the ``torch.ops.infoscale_triton`` operators
                          too (they cost host time; by default only torch.compile uses them)
 =======================  ======================================================================
@@ -56,6 +58,7 @@ class Tuning:
     decode_config: dict | None = None
     decode_min_keys: int = 1
     hopper_forward: bool = True
+    hopper_min_len: int = 4096
     operators_in_eager: bool = False
 
 
