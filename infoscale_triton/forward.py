@@ -1,5 +1,7 @@
-"""Host side of the fused forward: a launch plan per problem (config, grid, scalar arguments), then
-the launch through the launch layer."""
+"""Host side of the fused forward: a launch plan per problem (which kernel, config, grid, scalar
+arguments), then the launch through the launch layer. On sm_90 the calls that the Gluon kernel covers
+(:func:`hopper_forward`) take it, after the row pre-pass that gives it the row scales; every other call
+takes the Triton kernel."""
 
 from __future__ import annotations
 
@@ -9,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from . import tuning
-from .kernels.attention_fwd import attention_fwd_autotuned, attention_fwd_kernel, fwd_config
 from .kernels import attention_fwd_hopper as hopper
+from .kernels.attention_fwd import attention_fwd_autotuned, attention_fwd_kernel, fwd_config
 from .launch import (
     INTERPRET,
     LOG2E,
@@ -39,7 +41,7 @@ from .operands import (
 from .rows import rows_launch
 from .validation import Problem
 
-# Launch configs come from a table measured on the H100 (kernels/attention_fwd.py: fwd_config), or the
+# Triton launch configs come from a table measured on the H200 (kernels/attention_fwd.py: fwd_config), or the
 # autotuner (tuning: autotune), or a fixed one (tuning: forward_config).
 _PLANS = PlanCache()
 
@@ -84,8 +86,8 @@ def hopper_forward(p: Problem, dtype: torch.dtype, device: torch.device, with_en
     what it covers and where it measured faster than the Triton kernel (benchmarks/NOTES.md, "Gluon
     forward": D = 128 from 4k tokens; at D = 64 and at 1k tokens it ran slower)."""
     settings = tuning.current()
-    return (not INTERPRET and device.type == "cuda" and settings.hopper_forward and settings.forward_config is None
-            and min(p.lq, p.lk) >= settings.hopper_min_len
+    return (not INTERPRET and device.type == "cuda" and settings.hopper_forward
+            and settings.forward_config is None and min(p.lq, p.lk) >= settings.hopper_min_len
             and dtype in (torch.float16, torch.bfloat16) and p.head_dim == p.head_dim_v == 128
             and p.attn_mask is None and p.window is None and p.kv_lengths is None and not p.varlen
             and p.dropout_p == 0 and not with_entropy and _is_sm90(device.index))

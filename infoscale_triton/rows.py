@@ -12,8 +12,8 @@ from .validation import Problem
 
 _BLOCK_M = 64
 # the options the kernel takes from launch_options' constexprs
-_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "HAS_COUNT", "COS", "VARLEN",
-         "HAS_KV_RANGE", "WINDOW")
+_META = ("HEAD_D", "HEAD_DV", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "TEMP_MODE", "CLIP", "HAS_COUNT", "COS",
+         "VARLEN", "HAS_KV_RANGE", "WINDOW")
 
 
 def rows_launch(p: Problem, opt: LaunchOptions, q: torch.Tensor, out: torch.Tensor | None = None,
@@ -23,8 +23,9 @@ def rows_launch(p: Problem, opt: LaunchOptions, q: torch.Tensor, out: torch.Tens
     unused (pass any tensor)."""
     delta = out is not None
     o_strides = (*out.stride()[:3], *dout.stride()[:3]) if delta else (0,) * 6
+    constexprs = {**{n: opt.meta[n] for n in _META}, "DELTA": delta, "BLOCK_M": _BLOCK_M}
     return Launch(
-        variant(attention_rows_kernel, {**{n: opt.meta[n] for n in _META}, "DELTA": delta, "BLOCK_M": _BLOCK_M}, {}),
+        variant(attention_rows_kernel, constexprs, {}),
         (cdiv(p.rows, _BLOCK_M), p.heads_q, p.sequences),
         (*o_strides, q.stride(0), q.stride(1), q.stride(2), *opt.strides[:6],
          p.heads_q, p.lq, p.lk, p.scale * LOG2E, opt.temp_a, opt.temp_b, *opt.window),

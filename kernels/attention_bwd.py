@@ -13,9 +13,9 @@ r = 1/(1 - p_drop): O = (P * G r) V, so dV = (P * G r)^T dO and dZ = P * (dP * G
 delta_i = rowsum(dO * O) still holds with the dropped O that the forward returned.
 
 The row pre-pass (attention_rows.py) stores delta_i and rs_i per row, so the two main kernels never
-evaluate the temperature or the q norms inside their loops. Tiles wholly inside the causal triangle skip the masking work; rows
-past Lq need none (their log-sum-exp reads as +inf, so p = 0), keys past Lk neither (TMA reads them as
-zeros, so they add nothing to dQ, and their own dK/dV rows are not stored).
+evaluate the temperature or the q norms inside their loops. Tiles wholly inside the causal triangle skip
+the masking work; rows past Lq need none (their log-sum-exp reads as +inf, so p = 0), keys past Lk
+neither (TMA reads them as zeros, so they add nothing to dQ, and their own dK/dV rows are not stored).
 """
 
 import triton

@@ -100,9 +100,11 @@ def _consumer(c: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, 
         mbarrier.arrive(turn.index(1 - c))
         s = warpgroup_mma_wait(0, deps=(s, ))
         if first_masked == 0:
-            p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, 0, shift, Lk, True, IS_CAUSAL, BLOCK_N, s_layout)
+            p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, 0, shift, Lk, True, IS_CAUSAL, BLOCK_N,
+                                          s_layout)
         else:
-            p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, 0, shift, Lk, False, IS_CAUSAL, BLOCK_N, s_layout)
+            p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, 0, shift, Lk, False, IS_CAUSAL, BLOCK_N,
+                                          s_layout)
         for j in range(1, n_blocks):
             stage = j % STAGES
             prev = (j - 1) % STAGES
@@ -117,11 +119,11 @@ def _consumer(c: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, 
             # the scores finish first (wgmma groups complete in order); P V runs on under the softmax
             s = warpgroup_mma_wait(1, deps=(s, ))
             if j >= first_masked:
-                p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, j * BLOCK_N, shift, Lk, True, IS_CAUSAL,
-                                              BLOCK_N, s_layout)
+                p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, j * BLOCK_N, shift, Lk, True,
+                                              IS_CAUSAL, BLOCK_N, s_layout)
             else:
-                p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, j * BLOCK_N, shift, Lk, False, IS_CAUSAL,
-                                              BLOCK_N, s_layout)
+                p, m_i, l_i, alpha = _softmax(s, rs, m_i, l_i, offs_m, j * BLOCK_N, shift, Lk, False,
+                                              IS_CAUSAL, BLOCK_N, s_layout)
             acc = warpgroup_mma_wait(0, deps=(acc, ))
             mbarrier.arrive(kv_empty.index(prev))  # (the ring slot goes back to the producer)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
@@ -167,9 +169,11 @@ def attention_fwd_hopper_kernel(
     q_desc = tma.make_tensor_descriptor(Q + b * stride_qb + h64 * stride_qh, shape=[Lq, HEAD_D],
                                         strides=[stride_qm, 1], block_shape=[HALF, HEAD_D], layout=q_layout)
     k_desc = tma.make_tensor_descriptor(K + b * stride_kb + hk * stride_kh, shape=[Lk, HEAD_D],
-                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_D], layout=kv_layout)
+                                        strides=[stride_kn, 1], block_shape=[BLOCK_N, HEAD_D],
+                                        layout=kv_layout)
     v_desc = tma.make_tensor_descriptor(V + b * stride_vb + hk * stride_vh, shape=[Lk, HEAD_D],
-                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_D], layout=kv_layout)
+                                        strides=[stride_vn, 1], block_shape=[BLOCK_N, HEAD_D],
+                                        layout=kv_layout)
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF, HEAD_D], q_layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], kv_layout)

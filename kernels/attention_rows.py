@@ -47,7 +47,8 @@ def attention_rows_kernel(
     if DELTA:
         offs_dv = tl.arange(0, BLOCK_DV)
         ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DV)
-        o = tl.load(Out + bq * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=ok, other=0.0)
+        o = tl.load(Out + bq * stride_ob + h * stride_oh + rows * stride_om + offs_dv[None, :], mask=ok,
+                    other=0.0)
         do = tl.load(DOut + bq * stride_db + h * stride_dh + rows * stride_dm + offs_dv[None, :], mask=ok,
                      other=0.0)
         tl.store(Delta + row, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)

@@ -18,13 +18,15 @@ CUDA0 = torch.device("cuda", 0)
 SM90 = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 
 
-def _problem(d: int = 128, dv: int | None = None, dtype: torch.dtype = torch.bfloat16, **opts: Any) -> Problem:
+def _problem(d: int = 128, dv: int | None = None, dtype: torch.dtype = torch.bfloat16,
+             **opts: Any) -> Problem:
     q = torch.zeros(1, 2, 8, d, dtype=dtype)
     k = torch.zeros(1, 2, 8, d, dtype=dtype)
     v = torch.zeros(1, 2, 8, dv or d, dtype=dtype)
     mask, causal = opts.pop("attn_mask", None), opts.pop("is_causal", False)
-    return check_inputs(q, k, v, mask, opts.pop("dropout_p", 0.0), causal, None, False, opts.pop("temperature", None),
-                        opts.pop("train_len", None), opts.pop("cos_scale", None), kernel=False, **opts)
+    temperature, train_len = opts.pop("temperature", None), opts.pop("train_len", None)
+    return check_inputs(q, k, v, mask, opts.pop("dropout_p", 0.0), causal, None, False, temperature, train_len,
+                        opts.pop("cos_scale", None), kernel=False, **opts)
 
 
 @pytest.fixture
@@ -88,7 +90,8 @@ def test_selection_refuses_elsewhere(on_sm90: None, monkeypatch: pytest.MonkeyPa
     assert not forward.hopper_forward(varlen, torch.bfloat16, CUDA0, False), "packed sequences"
     with tuning.override(hopper_forward=False):
         assert not forward.hopper_forward(p, torch.bfloat16, CUDA0, False)
-    with tuning.override(forward_config=dict(BLOCK_M=64, BLOCK_N=64, WARP_SPEC=False, num_warps=4, num_stages=2)):
+    fixed = {"BLOCK_M": 64, "BLOCK_N": 64, "WARP_SPEC": False, "num_warps": 4, "num_stages": 2}
+    with tuning.override(forward_config=fixed):
         assert not forward.hopper_forward(p, torch.bfloat16, CUDA0, False)
     with tuning.override(hopper_min_len=9):
         assert not forward.hopper_forward(p, torch.bfloat16, CUDA0, False), "shorter than hopper_min_len"
@@ -106,8 +109,8 @@ CASES = {
                                         dict(is_causal=True, temperature="logn_clipped", train_len=128)),
     "bf16-causal-keys-past-rows-tensor-temperature": (torch.bfloat16, (2, 4, 4, 129, 4100), "contiguous",
                                                       dict(is_causal=True, temperature="tensor_bhl")),
-    "fp16-full-cos": (torch.float16, (1, 4, 2, 513, 513), "blhd", dict(cos_scale=32.0, temperature="infoscale",
-                                                                        train_len=256)),
+    "fp16-full-cos": (torch.float16, (1, 4, 2, 513, 513), "blhd",
+                      dict(cos_scale=32.0, temperature="infoscale", train_len=256)),
 }
 
 
