@@ -41,8 +41,8 @@ from .operands import (
 from .rows import rows_launch
 from .validation import Problem
 
-# Triton launch configs come from a table measured on the H200 (kernels/attention_fwd.py: fwd_config), or the
-# autotuner (tuning: autotune), or a fixed one (tuning: forward_config).
+# Triton launch configs come from a table measured on the H200 (kernels/attention_fwd.py: fwd_config),
+# or the autotuner (tuning: autotune), or a fixed one (tuning: forward_config).
 _PLANS = PlanCache()
 
 
