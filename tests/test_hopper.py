@@ -24,9 +24,10 @@ def _problem(d: int = 128, dv: int | None = None, dtype: torch.dtype = torch.bfl
     k = torch.zeros(1, 2, 8, d, dtype=dtype)
     v = torch.zeros(1, 2, 8, dv or d, dtype=dtype)
     mask, causal = opts.pop("attn_mask", None), opts.pop("is_causal", False)
+    dropout_p, cos_scale = opts.pop("dropout_p", 0.0), opts.pop("cos_scale", None)
     temperature, train_len = opts.pop("temperature", None), opts.pop("train_len", None)
-    return check_inputs(q, k, v, mask, opts.pop("dropout_p", 0.0), causal, None, False, temperature, train_len,
-                        opts.pop("cos_scale", None), kernel=False, **opts)
+    return check_inputs(q, k, v, mask, dropout_p, causal, None, False, temperature, train_len, cos_scale,
+                        kernel=False, **opts)
 
 
 @pytest.fixture
