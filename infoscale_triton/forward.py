@@ -111,13 +111,8 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Probl
     out = new_output(p, q.dtype, torch.device("meta")) if out is None else out  # (its strides only)
     operands = operand_tensors(p, dummy(q.device))
     opt = launch_options(p, q.dtype, operands)
-    scalars = (
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *opt.strides,
-        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b, *dropout_scalars(p),
-        *opt.window, _bucket(p.rows), _bucket(p.keys),
-    )
+    tensor_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2))
     operands_kept = None if needs_operand_tensors(p) else operands
     if hopper_forward(p, q.dtype, q.device, with_entropy):
         constexprs = {"HEAD_D": p.head_dim, "IS_CAUSAL": p.is_causal, "BLOCK_N": hopper.BLOCK_N,
@@ -125,8 +120,13 @@ def _build(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p: Probl
         launch = Launch(
             variant(hopper.attention_fwd_hopper_kernel, constexprs, {"num_warps": hopper.PRODUCER_WARPS}),
             (cdiv(p.lq, hopper.ROWS), p.heads_q, p.batch),
-            (*scalars[:12], p.heads_q, p.lq, p.lk, p.group), q.device)
+            (*tensor_strides, p.heads_q, p.lq, p.lk, p.group), q.device)
         return _Plan(launch, None, copies, operands.count_strides, operands_kept, rows_launch(p, opt, q))
+    scalars = (
+        *tensor_strides, *opt.strides,
+        p.heads_q, p.lq, p.lk, p.group, p.scale * LOG2E, opt.temp_a, opt.temp_b, *dropout_scalars(p),
+        *opt.window, _bucket(p.rows), _bucket(p.keys),
+    )
     meta = dict(opt.meta, SIGNED=opt.meta["TEMP_MODE"] == TEMP_TENSOR or p.scale < 0, ENTROPY=with_entropy)
     settings = tuning.current()
     cfg = dict(settings.forward_config or fwd_config(meta["BLOCK_D"], meta["BLOCK_DV"], p.keys, q.element_size(),
